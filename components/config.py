@@ -1,0 +1,312 @@
+"""The configuration schema: nested dataclasses, filled from a YAML file and `key.sub=value` overrides.
+
+    cfg = load_config(["--config", "configs/kd_synthetic.yaml", "trainer.num_workers=2"])
+
+Every key is declared here with its type and default. `load_config` merges the YAML and the
+overrides onto the schema with OmegaConf (structured configs), so an unknown key or a value of the
+wrong type fails at once with the key named; `validate` then checks the values (ranges, choices,
+consistency with the dataset's `dataset.json`) before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+HEADS = ("deeplabv3", "pspnet")
+METHODS = ("none", "kd")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The procedural texture dataset made when `data.root` does not exist yet."""
+
+    num_train: int = 384
+    num_val: int = 96
+    num_unlabeled: int = 0
+    size: int = 64
+    num_classes: int = 5
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"  # folder (or URI) holding dataset.json and one folder per split
+    generate_synthetic: bool = True  # make the synthetic dataset at `root` when it is absent
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int | None = None  # if set, must equal dataset.json's num_classes
+    crop_size: int = 64
+    scale_min: float = 0.75
+    scale_max: float = 1.5
+    flip: bool = True
+    batch_size: int = 8  # per worker
+    val_batch_size: int = 8  # per worker
+    max_bad_fraction: float = 0.01  # fail when more than this share of rows is undecodable
+    shuffle_seed: int = 0
+    prefetch_batches: int = 2
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    head: str = "deeplabv3"
+    width: float = 1.0  # channel multiplier of backbone and head (0.25 for CPU tests)
+    output_stride: int = 8
+    aux_head: bool = True
+    pretrained: str | None = None  # local torchvision-format ResNet state_dict (backbone only)
+
+
+@dataclass
+class TeacherConfig:
+    # A run dir or checkpoint file of a trained teacher. When unset, distill.py trains one with
+    # `method: none` on the same data (cached under trainer.storage_path and reused next time).
+    checkpoint: str | None = None
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet34", width=0.5))
+    epochs: int = 10  # only used when the teacher is trained here
+    lr: float = 0.02
+
+
+@dataclass
+class MethodWeights:
+    ce: float = 1.0  # cross-entropy on the labels
+    aux: float = 0.4  # auxiliary-head cross-entropy
+    pi: float = 1.0  # pixel-wise logit KD
+
+
+@dataclass
+class MethodConfig:
+    name: str = "kd"
+    temperature: float = 1.0
+    weights: MethodWeights = field(default_factory=MethodWeights)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has any
+    cpus_per_worker: float = 1.0
+    epochs: int = 12
+    storage_path: str = "outputs"  # local path or URI (s3://, gs://); must be shared for multi-node
+    name: str | None = None  # None: derived from the config, so the same command resumes
+    num_to_keep: int = 2
+    max_failures: int = 0  # worker-group restarts from the last checkpoint within one run
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    channels_last: bool = True  # on GPU
+    log_every: int = 10  # steps between logged step metrics
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18", width=0.25))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _known_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        value = getattr(schema, f.name)
+        if is_dataclass(value):
+            keys.extend(_known_keys(value, key + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, _known_keys(Config()), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    if "not in struct" in str(err) or "Key '" in msg and "not in" in msg:
+        return ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}")
+    return ConfigError(f"{source}: bad value for '{key}': {msg}")
+
+
+def merge_config(
+    yaml_path: str | None = None, overrides: list[str] | None = None, base: Config | None = None
+) -> Config:
+    """Schema defaults (or `base`) <- YAML file <- dotted overrides. Raises ConfigError."""
+    merged = OmegaConf.structured(base if base is not None else Config())
+    OmegaConf.set_struct(merged, True)
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {yaml_path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml syntax errors come in many types
+            raise ConfigError(f"{yaml_path}: not valid YAML: {e}") from e
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except OmegaConfBaseException as e:
+            raise _explain(e, yaml_path) from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key = item.split("=", 1)[0]
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            err = _explain(e, "command line")
+            if not getattr(e, "full_key", None):
+                err = ConfigError(f"command line: bad override '{item}' for '{key}'{_suggest(key)}")
+            raise err from e
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return cfg
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"'{key}': {msg}")
+
+
+def _validate_model(m: ModelConfig, prefix: str) -> None:
+    _check(m.backbone in BACKBONES, f"{prefix}.backbone", f"'{m.backbone}' not one of {BACKBONES}")
+    _check(m.head in HEADS, f"{prefix}.head", f"'{m.head}' not one of {HEADS}")
+    _check(0 < m.width <= 4, f"{prefix}.width", f"must be in (0, 4], got {m.width}")
+    _check(m.output_stride in (8, 16), f"{prefix}.output_stride", "must be 8 or 16")
+    if m.pretrained is not None:
+        _check(Path(m.pretrained).is_file(), f"{prefix}.pretrained", f"no file {m.pretrained}")
+
+
+def validate(cfg: Config) -> None:
+    """Check values that the types alone cannot; raises ConfigError naming the key."""
+    d, o, t = cfg.data, cfg.optim, cfg.trainer
+    _check(d.crop_size >= 16, "data.crop_size", f"must be >= 16, got {d.crop_size}")
+    _check(0 < d.scale_min <= d.scale_max, "data.scale_min", "need 0 < scale_min <= scale_max")
+    _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _check(d.val_batch_size >= 1, "data.val_batch_size", "must be >= 1")
+    _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
+    _check(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
+    s = d.synthetic
+    _check(s.num_classes >= 2, "data.synthetic.num_classes", "must be >= 2")
+    _check(s.size >= 16, "data.synthetic.size", "must be >= 16")
+    _check(s.num_train >= 1 and s.num_val >= 1, "data.synthetic.num_train", "splits need rows")
+    _validate_model(cfg.model, "model")
+    _validate_model(cfg.teacher.model, "teacher.model")
+    _check(cfg.teacher.epochs >= 1, "teacher.epochs", "must be >= 1")
+    _check(cfg.teacher.lr > 0, "teacher.lr", f"must be > 0, got {cfg.teacher.lr}")
+    m = cfg.method
+    _check(m.name in METHODS, "method.name", f"'{m.name}' not one of {METHODS}")
+    _check(m.temperature > 0, "method.temperature", "must be > 0")
+    for f in fields(m.weights):
+        w = getattr(m.weights, f.name)
+        _check(w >= 0, f"method.weights.{f.name}", f"must be >= 0, got {w}")
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.poly_power >= 0, "optim.poly_power", "must be >= 0")
+    _check(o.warmup_iters >= 0, "optim.warmup_iters", "must be >= 0")
+    _check(t.num_workers >= 1, "trainer.num_workers", f"must be >= 1, got {t.num_workers}")
+    _check(t.cpus_per_worker > 0, "trainer.cpus_per_worker", "must be > 0")
+    _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.num_to_keep >= 1, "trainer.num_to_keep", "must be >= 1")
+    _check(t.max_failures >= -1, "trainer.max_failures", "must be >= -1")
+    _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
+    if t.name is not None:
+        _check(t.name != "" and "/" not in t.name, "trainer.name", "must be a plain folder name")
+
+
+def validate_against_dataset(cfg: Config, num_classes: int, source: str) -> None:
+    """The config's class count (when given) must be the dataset's."""
+    if cfg.data.num_classes is not None and cfg.data.num_classes != num_classes:
+        raise ConfigError(
+            f"'data.num_classes' is {cfg.data.num_classes} but {source} says {num_classes}"
+        )
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore
+
+
+def from_dict(d: dict) -> Config:
+    merged = OmegaConf.merge(OmegaConf.structured(Config()), OmegaConf.create(d))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a config (or part of one), used for deterministic run names."""
+    d = (
+        to_dict(obj)
+        if isinstance(obj, Config)
+        else OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)
+    )
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def parse_args(argv: list[str] | None, description: str = "") -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML file in the schema of components/config.py")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def load_config(argv: list[str] | None = None, base: Config | None = None) -> Config:
+    """Parse `--config FILE key=value ...`, merge onto the schema, validate. Raises ConfigError."""
+    yaml_path, overrides = parse_args(argv)
+    cfg = merge_config(yaml_path, overrides, base)
+    validate(cfg)
+    return cfg
+
+
+__all__ = [
+    "MISSING",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SyntheticConfig",
+    "TeacherConfig",
+    "TrainerConfig",
+    "fingerprint",
+    "from_dict",
+    "load_config",
+    "merge_config",
+    "to_dict",
+    "to_yaml",
+    "validate",
+    "validate_against_dataset",
+]

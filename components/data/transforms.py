@@ -1,0 +1,232 @@
+"""NumPy decode + augmentation for Ray Data `map_batches(batch_format="numpy")`.
+
+    ds.map_batches(partial(decode_train_batch, crop_size=64, scale_range=(0.75, 1.5), flip=True,
+                           seed=None, num_classes=5), batch_format="numpy")
+
+Every input row yields exactly one output row. A row that cannot be used (undecodable image or
+mask, mask size differing from the image, class ids >= num_classes other than ignore) is kept as
+an all-zero image with an all-ignore mask and `valid=False`, and its id is logged. Ray Data
+batches need equal-length columns, so this keeps the bad-row count exact (`(~valid).sum()`)
+while the cross-entropy ignores those rows anyway.
+
+Output columns of `decode_train_batch` / `decode_eval_batch`:
+    image  float32 (B, 3, H, W)  normalized with IMAGENET_MEAN / IMAGENET_STD (0 for invalid rows)
+    mask   int64   (B, H, W)     class ids, ignore_index where unlabeled, padded or invalid
+    id     str     (B,)
+    valid  bool    (B,)
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+from skimage.transform import resize
+
+from components.data.shards import decode_image, decode_mask
+
+log = logging.getLogger("segdistill.data")
+
+# The torchvision ImageNet statistics, on the 0-255 scale of uint8 images.
+IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
+IMAGENET_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+
+
+def random_scale_crop_flip(
+    image: np.ndarray,
+    mask: np.ndarray,
+    crop_size: int,
+    scale_range: tuple[float, float],
+    flip: bool,
+    rng: np.random.Generator,
+    ignore_index: int = 255,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale by s ~ U(scale_range), pad, crop crop_size x crop_size, maybe flip horizontally.
+
+    image (H, W, 3) uint8, mask (H, W) uint8 -> (crop, crop, 3) uint8, (crop, crop) uint8.
+    The image is resized bilinearly and the mask by nearest neighbour; both share the crop
+    offset and the flip (p = 0.5). Padding (bottom/right, when the scaled image is smaller than
+    the crop) is 0 in the image and `ignore_index` in the mask.
+    """
+    h, w = mask.shape
+    s = rng.uniform(*scale_range)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    if (nh, nw) != (h, w):
+        image = resize(image, (nh, nw), order=1, preserve_range=True, anti_aliasing=False)
+        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        mask = resize(mask, (nh, nw), order=0, preserve_range=True, anti_aliasing=False)
+        mask = mask.astype(np.uint8)
+    image, mask = pad_to(image, mask, max(nh, crop_size), max(nw, crop_size), ignore_index)
+    y = int(rng.integers(0, image.shape[0] - crop_size + 1))
+    x = int(rng.integers(0, image.shape[1] - crop_size + 1))
+    image = image[y : y + crop_size, x : x + crop_size]
+    mask = mask[y : y + crop_size, x : x + crop_size]
+    if flip and rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+def pad_to(
+    image: np.ndarray, mask: np.ndarray, height: int, width: int, ignore_index: int = 255
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (H, W, 3) image with 0 and (H, W) mask with ignore_index at the bottom/right."""
+    h, w = mask.shape
+    if h > height or w > width:
+        raise ValueError(f"image {h}x{w} is larger than the pad size {height}x{width}")
+    if (h, w) == (height, width):
+        return image, mask
+    pad = ((0, height - h), (0, width - w))
+    return (
+        np.pad(image, (*pad, (0, 0)), constant_values=0),
+        np.pad(mask, pad, constant_values=ignore_index),
+    )
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, (x - IMAGENET_MEAN) / IMAGENET_STD."""
+    out = (images.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def check_row(
+    image_bytes: bytes | None, mask_bytes: bytes | None, num_classes: int, ignore_index: int = 255
+) -> tuple[np.ndarray, np.ndarray] | str:
+    """Decode one row: ((H, W, 3) uint8, (H, W) uint8), or the reason it is unusable.
+
+    A missing mask (unlabeled row) becomes an all-ignore mask.
+    """
+    if image_bytes is None:
+        return "image is missing"
+    try:
+        image = decode_image(image_bytes)
+    except ValueError as e:
+        return f"undecodable image: {e}"
+    if mask_bytes is None:
+        return image, np.full(image.shape[:2], ignore_index, np.uint8)
+    try:
+        mask = decode_mask(mask_bytes)
+    except ValueError as e:
+        return f"undecodable mask: {e}"
+    if mask.shape != image.shape[:2]:
+        return f"mask size {mask.shape[0]}x{mask.shape[1]} differs from image size " + (
+            f"{image.shape[0]}x{image.shape[1]}"
+        )
+    counts = np.bincount(mask.ravel(), minlength=256)
+    counts[ignore_index] = 0
+    if counts[num_classes:].any():
+        bad = np.flatnonzero(counts[num_classes:]) + num_classes
+        return f"mask has class ids {bad.tolist()} outside 0..{num_classes - 1} (and not ignore)"
+    return image, mask
+
+
+def _decode_rows(
+    batch: dict[str, np.ndarray], num_classes: int, ignore_index: int
+) -> list[tuple[str, tuple[np.ndarray, np.ndarray] | None]]:
+    """(id, decoded pair or None) per row; logs every bad row."""
+    ids = [str(i) for i in batch["id"]]
+    masks = batch.get("mask")
+    rows = []
+    for k, row_id in enumerate(ids):
+        result = check_row(
+            batch["image"][k], None if masks is None else masks[k], num_classes, ignore_index
+        )
+        if isinstance(result, str):
+            log.warning("skipping row %s: %s", row_id, result)
+            rows.append((row_id, None))
+        else:
+            rows.append((row_id, result))
+    return rows
+
+
+def _assemble(
+    rows: list[tuple[str, tuple[np.ndarray, np.ndarray] | None]],
+    height: int,
+    width: int,
+    ignore_index: int,
+) -> dict[str, np.ndarray]:
+    """Stack (H, W) pairs into the output columns; None rows become invalid placeholders."""
+    images = np.zeros((len(rows), height, width, 3), np.uint8)
+    masks = np.full((len(rows), height, width), ignore_index, np.int64)
+    valid = np.zeros(len(rows), bool)
+    for k, (_, pair) in enumerate(rows):
+        if pair is not None:
+            images[k], masks[k], valid[k] = pair[0], pair[1], True
+    normalized = normalize(images)
+    normalized[~valid] = 0.0
+    return {
+        "image": normalized,
+        "mask": masks,
+        "id": np.array([row_id for row_id, _ in rows], dtype=str),
+        "valid": valid,
+    }
+
+
+def decode_train_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    crop_size: int,
+    scale_range: tuple[float, float],
+    flip: bool,
+    seed: int | None,
+    ignore_index: int = 255,
+    num_classes: int,
+) -> dict[str, np.ndarray]:
+    """Decode + random scale/crop/flip a batch of shard rows (columns `id`, `image`, `mask`).
+
+    Output columns (B rows in, B rows out): see the module docstring; H = W = crop_size.
+    With `seed`, the augmentation is a pure function of (seed, the batch's ids), so batches
+    differ from one another but a given batch is reproducible. Without it, OS entropy is used.
+    Ray Data tasks do not know the epoch, so augmentation is not replayed on resume either way.
+    """
+    if seed is None:
+        rng = np.random.default_rng()
+    else:
+        rng = np.random.default_rng([seed, zlib.crc32("\0".join(map(str, batch["id"])).encode())])
+    rows = _decode_rows(batch, num_classes, ignore_index)
+    out = []
+    for row_id, pair in rows:
+        if pair is not None:
+            pair = random_scale_crop_flip(
+                pair[0], pair[1], crop_size, scale_range, flip, rng, ignore_index
+            )
+        out.append((row_id, pair))
+    return _assemble(out, crop_size, crop_size, ignore_index)
+
+
+def decode_eval_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    pad_height: int,
+    pad_width: int,
+    ignore_index: int = 255,
+    num_classes: int,
+) -> dict[str, np.ndarray]:
+    """Decode a batch without augmentation, padded bottom/right to pad_height x pad_width.
+
+    Output columns: see the module docstring; H, W = pad_height, pad_width. A row larger than
+    the pad size is invalid (logged), not cropped, so no labeled pixel is silently dropped.
+    """
+    rows = _decode_rows(batch, num_classes, ignore_index)
+    out = []
+    for row_id, pair in rows:
+        if pair is not None:
+            try:
+                pair = pad_to(pair[0], pair[1], pad_height, pad_width, ignore_index)
+            except ValueError as e:
+                log.warning("skipping row %s: %s", row_id, e)
+                pair = None
+        out.append((row_id, pair))
+    return _assemble(out, pad_height, pad_width, ignore_index)
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "check_row",
+    "decode_eval_batch",
+    "decode_train_batch",
+    "normalize",
+    "pad_to",
+    "random_scale_crop_flip",
+]

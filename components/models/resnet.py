@@ -1,0 +1,230 @@
+"""Dilated ResNet-18/34/50/101 backbones with torchvision's state_dict layout.
+
+    backbone = ResNet(Bottleneck, (3, 4, 6, 3), width=1.0, output_stride=8)   # ResNet-50
+    report = load_pretrained_backbone(backbone, "resnet50-0676ba61.pth")
+    feats = backbone(images)          # {"layer1": stride 4, ..., "layer4": stride output_stride}
+
+At `width=1.0` the parameter and buffer names and shapes are torchvision's (`conv1.weight`,
+`layer1.0.downsample.1.running_mean`, ...; there is no `fc`), so a torchvision checkpoint loads
+as is. `width` scales every channel count, for CPU tests. Strides of the last stages become
+dilations with torchvision's `replace_stride_with_dilation` convention: the first block of a
+dilated stage keeps the previous dilation, the following blocks use the new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convs (fan_out, as torchvision), BatchNorm weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34). Unlike torchvision's it accepts dilation > 1."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 - 3x3 - 1x1 (ResNet-50/101), stride on the 3x3 conv as torchvision (ResNet v1.5)."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet trunk without avgpool/fc, returning the four stage outputs.
+
+    block: BasicBlock or Bottleneck; layers: blocks per stage, (2, 2, 2, 2) for ResNet-18,
+    (3, 4, 6, 3) for 34/50, (3, 4, 23, 3) for 101. width: channel multiplier (base 64 becomes
+    max(8, round(64 * width))). output_stride: 8 (layer3 and layer4 dilated) or 16 (layer4).
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: Sequence[int],
+        width: float = 1.0,
+        output_stride: int = 8,
+    ) -> None:
+        super().__init__()
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        if width <= 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        base = max(8, round(64 * width))
+        dilate = (False, False, output_stride == 8, True)
+        self.output_stride = output_stride
+        self._inplanes = base
+        self._dilation = 1
+        self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.out_channels: dict[str, int] = {}
+        for i, (name, n) in enumerate(zip(STAGES, layers, strict=True)):
+            planes = base * 2**i
+            stride = 1 if i == 0 else 2
+            setattr(self, name, self._make_layer(block, planes, n, stride, dilate[i]))
+            self.out_channels[name] = planes * block.expansion
+        init_weights(self)
+
+    def _make_layer(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        planes: int,
+        blocks: int,
+        stride: int,
+        dilate: bool,
+    ) -> nn.Sequential:
+        previous_dilation = self._dilation
+        if dilate:
+            self._dilation *= stride
+            stride = 1
+        out = planes * block.expansion
+        downsample = None
+        if stride != 1 or self._inplanes != out:
+            downsample = nn.Sequential(
+                nn.Conv2d(self._inplanes, out, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out),
+            )
+        layers = [block(self._inplanes, planes, stride, previous_dilation, downsample)]
+        self._inplanes = out
+        layers += [block(out, planes, 1, self._dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """x: (B, 3, H, W). Returns {"layer1": (B, C1, H/4, W/4), "layer2": (.., H/8, ..),
+        "layer3": (.., H/min(16, OS), ..), "layer4": (B, C4, H/OS, W/OS)} (sizes rounded up)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        feats = {}
+        for name in STAGES:
+            x = getattr(self, name)(x)
+            feats[name] = x
+        return feats
+
+
+def _unwrap(obj: object, path: str) -> dict[str, Tensor]:
+    """The flat name -> tensor mapping inside what torch.load returned."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(f"{path}: not a state dict (got {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"{path}: not a state dict (non-tensor entries such as {bad[0]!r})")
+    return dict(obj)
+
+
+def _strip(key: str) -> str:
+    # DDP saves under "module.", segmentation checkpoints under "backbone." (or both, nested).
+    while key.startswith(("module.", "backbone.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def load_pretrained_backbone(backbone: nn.Module, path: str) -> dict[str, list[str]]:
+    """Load a local torchvision-format ResNet state_dict file into `backbone` (non-strict).
+
+    The file may hold the state dict itself or a dict with a "state_dict" or "model" entry;
+    leading "module." / "backbone." prefixes are stripped and `fc.*` is ignored. Tensors whose
+    shape differs from the model's are skipped. Returns {"missing": model keys absent from the
+    file, "unexpected": file keys the model lacks, "mismatched": keys skipped for their shape}.
+    Raises ValueError naming the file when it is unreadable, not a state dict, or shares no key
+    with the model.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zips, pickles, missing files all raise different types
+        raise ValueError(f"cannot read pretrained weights {path}: {e}") from e
+    loaded = {}
+    for key, value in _unwrap(obj, path).items():
+        key = _strip(key)
+        if not key.startswith("fc."):
+            loaded[key] = value
+    own = backbone.state_dict()
+    matched = {k: v for k, v in loaded.items() if k in own and own[k].shape == v.shape}
+    # Scalar BatchNorm counters match any backbone; only weights and statistics count as a match.
+    if all(k.endswith("num_batches_tracked") for k in matched):
+        same_names = sum(k in own and not k.endswith("num_batches_tracked") for k in loaded)
+        if same_names:
+            raise ValueError(
+                f"{path}: no key matches the backbone: all {same_names} shared names differ in "
+                "shape (a different backbone or width?)"
+            )
+        sample = ", ".join(list(loaded)[:5])
+        raise ValueError(f"{path}: no key matches the backbone (file has e.g. {sample})")
+    backbone.load_state_dict(matched, strict=False)
+    # Old torchvision files predate BatchNorm's num_batches_tracked; it does not affect eval.
+    return {
+        "missing": [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")],
+        "unexpected": [k for k in loaded if k not in own],
+        "mismatched": [k for k in loaded if k in own and own[k].shape != loaded[k].shape],
+    }

@@ -1,0 +1,283 @@
+"""The per-worker training loop run by every Ray Train worker (any method, any regime).
+
+Each epoch: train on this worker's even split of `train` for exactly `steps_per_epoch` steps,
+evaluate on its part of `val` (confusion matrices summed across workers), then every worker calls
+`ray.train.report` once; rank 0 attaches a checkpoint with the full training state. A restarted
+worker group, or the same command run again, resumes from `ray.train.get_checkpoint()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections import defaultdict
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from components.config import Config, from_dict
+from components.distillation.build import build_method
+from components.distillation.protocol import unwrap
+from components.metrics import miou, pixel_accuracy
+from components.models.build import build_model
+from components.training.checkpoint import (
+    load_full_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from components.training.evaluation import predict_confusion
+from components.training.schedule import poly_scheduler
+
+log = logging.getLogger("segdistill.train")
+
+
+class BadDataError(RuntimeError):
+    """Too many rows failed to decode or validate."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _print0(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def _build_teacher(config: dict, num_classes: int, device: torch.device) -> nn.Module | None:
+    if config.get("teacher_state") is None:
+        return None
+    model_cfg = from_dict({"model": config["teacher_model"]}).model
+    teacher = build_model(model_cfg, num_classes)
+    state = config["teacher_state"]
+    if isinstance(state, ray.ObjectRef):
+        state = ray.get(state)
+    teacher.load_state_dict(state)
+    return teacher.to(device).eval()
+
+
+def _progress_metrics(progress: dict) -> dict:
+    keys = ("epoch", "iteration", "best_miou", "best_epoch", "teacher_miou")
+    return {k: progress[k] for k in keys if k in progress}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. `config` is built by `components.training.trainer`:
+    cfg (dict), num_classes, ignore_index, class_names, steps_per_epoch, and optionally
+    teacher_state (an ObjectRef to a state_dict) with teacher_model (a ModelConfig dict)."""
+    cfg: Config = from_dict(config["cfg"])
+    num_classes, ignore_index = config["num_classes"], config["ignore_index"]
+    steps_per_epoch = config["steps_per_epoch"]
+    t = cfg.trainer
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(t.seed * 1000 + rank)
+
+    student = build_model(cfg.model, num_classes).to(device)
+    teacher = _build_teacher(config, num_classes, device)
+    if on_gpu and t.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if (on_gpu and t.amp) else None
+    method = build_method(cfg, student, teacher, autocast_dtype=amp_dtype).to(device)
+
+    o = cfg.optim
+    optimizer = torch.optim.SGD(
+        method.trainable.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+    )
+    total_iters = steps_per_epoch * t.epochs
+    scheduler = poly_scheduler(optimizer, total_iters, o.poly_power, o.warmup_iters)
+    progress = {"epoch": 0, "iteration": 0, "best_miou": -1.0, "best_epoch": -1}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state, _ = load_full_state(folder)
+        method.trainable.load_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        # The horizon follows the current config (a resumed run may have more epochs).
+        factor = scheduler.lr_lambdas[0]
+        factor.total_iters, factor.power, factor.warmup_iters = (
+            total_iters,
+            o.poly_power,
+            o.warmup_iters,
+        )
+        method.load_extra_state(state.get("method", {}))
+        progress.update(state["progress"])
+        rngs = state.get("rng", [])
+        if rank < len(rngs):
+            set_rng_state(rngs[rank])
+        _print0(
+            rank,
+            f"resumed from checkpoint: epoch {progress['epoch']}, "
+            f"iteration {progress['iteration']}",
+        )
+
+    if world > 1:
+        method.trainable = nn.parallel.DistributedDataParallel(
+            method.trainable, device_ids=[device.index] if on_gpu else None
+        )
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_size = cfg.data.batch_size
+
+    def evaluate(model: nn.Module) -> torch.Tensor:
+        confusion = predict_confusion(
+            model,
+            val_shard.iter_torch_batches(
+                batch_size=cfg.data.val_batch_size,
+                dtypes={"image": torch.float32, "mask": torch.int64, "valid": torch.bool},
+                device=device,
+                prefetch_batches=cfg.data.prefetch_batches,
+            ),
+            num_classes,
+            ignore_index,
+            amp_dtype,
+        )
+        return _all_reduce_sum(confusion.to(device)).cpu()
+
+    if teacher is not None and "teacher_miou" not in progress:
+        # Once per run, on the workers (the driver may be a CPU-only head node).
+        progress["teacher_miou"] = miou(evaluate(teacher))[0]
+        _print0(rank, f"teacher val mIoU {100 * progress['teacher_miou']:.2f}")
+
+    for epoch in range(progress["epoch"], t.epochs):
+        method.trainable.train()
+        sums: dict[str, float] = defaultdict(float)
+        steps, wait_s, bad_rows, seen_rows = 0, 0.0, 0, 0
+        batches = iter(
+            train_shard.iter_torch_batches(
+                batch_size=batch_size,
+                drop_last=True,
+                prefetch_batches=cfg.data.prefetch_batches,
+                dtypes={"image": torch.float32, "mask": torch.int64, "valid": torch.bool},
+                device=device,
+            )
+        )
+        t_epoch = time.perf_counter()
+        while True:
+            t_wait = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            if steps >= steps_per_epoch:
+                continue  # an even split never gets here; drain rather than stall the stream
+            wait_s += time.perf_counter() - t_wait
+            bad_rows += int((~batch["valid"]).sum())
+            seen_rows += batch["valid"].numel()
+            if on_gpu and t.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            if amp_dtype is not None:
+                with torch.autocast("cuda", dtype=amp_dtype):
+                    terms = method.training_step(batch)
+            else:
+                terms = method.training_step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+            progress["iteration"] += 1
+            for name, value in terms.items():
+                sums[name] += float(value.detach())
+            if progress["iteration"] % t.log_every == 0:
+                shown = " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
+                _print0(
+                    rank,
+                    f"epoch {epoch + 1}/{t.epochs} it {progress['iteration']}/{total_iters} "
+                    f"{shown} lr {scheduler.get_last_lr()[0]:.2e}",
+                )
+        train_s = time.perf_counter() - t_epoch
+
+        counts = _all_reduce_sum(
+            torch.tensor([steps, bad_rows, seen_rows, wait_s, train_s], dtype=torch.float64)
+        )
+        if counts[0] != steps * world:
+            raise RuntimeError(
+                f"workers ran different step counts this epoch (this one {steps}); "
+                "the train split was not divided evenly"
+            )
+        if counts[2] and counts[1] / counts[2] > cfg.data.max_bad_fraction:
+            raise BadDataError(
+                f"{int(counts[1])} of {int(counts[2])} training rows were bad (undecodable, wrong "
+                f"mask size or label ids >= {num_classes}); more than data.max_bad_fraction="
+                f"{cfg.data.max_bad_fraction}. The skipped ids are in the worker logs."
+            )
+
+        t_eval = time.perf_counter()
+        confusion = evaluate(method.eval_model())
+        eval_s = time.perf_counter() - t_eval
+        mean_iou, _ = miou(confusion)
+        totals = _all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
+        terms_mean = {
+            k: float(v) / max(1.0, float(counts[0])) for k, v in zip(sorted(sums), totals)
+        }
+
+        progress["epoch"] = epoch + 1
+        if mean_iou > progress["best_miou"]:
+            progress["best_miou"], progress["best_epoch"] = mean_iou, epoch + 1
+        images = float(counts[0]) * batch_size
+        metrics = {
+            **_progress_metrics(progress),
+            "miou": mean_iou,
+            "pixel_acc": pixel_accuracy(confusion),
+            **terms_mean,
+            "images_per_s": images / max(1e-9, float(counts[4]) / world),
+            "data_wait_share": float(counts[3]) / max(1e-9, float(counts[4])),
+            "train_s": float(counts[4]) / world,
+            "eval_s": eval_s,
+            "bad_rows": int(counts[1]),
+            "world_size": world,
+        }
+        _print0(
+            rank,
+            f"epoch {epoch + 1}/{t.epochs}: val mIoU {100 * mean_iou:.2f}  "
+            + " ".join(f"{k} {v:.4f}" for k, v in terms_mean.items())
+            + f"  {metrics['images_per_s']:.1f} img/s, data wait {100 * metrics['data_wait_share']:.0f}%",
+        )
+
+        rngs = [None] * world
+        if _distributed():
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                full_state = {
+                    "trainable": unwrap(method.trainable).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "method": method.extra_state(),
+                    "progress": dict(progress),
+                    "rng": rngs,
+                }
+                meta = {
+                    "config": config["cfg"],
+                    "model": config["cfg"]["model"],
+                    "num_classes": num_classes,
+                    "class_names": config.get("class_names"),
+                    "ignore_index": ignore_index,
+                    "progress": dict(progress),
+                    "metrics": metrics,
+                }
+                save_checkpoint(tmp, method.eval_model().state_dict(), full_state, meta)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")

@@ -1,0 +1,270 @@
+"""Driver side of a training run: checks, resources, the TorchTrainer, the teacher cache.
+
+    info = prepare_dataset(cfg)                 # makes the synthetic dataset when configured
+    teacher = obtain_teacher(cfg, info)         # a configured checkpoint, or train/reuse one
+    outcome = fit(cfg, info, run_name(cfg), teacher=teacher)
+
+Everything that can be checked before training (the dataset, the teacher's class count, the
+resources a run asks for) is checked here, on the driver, so a bad input fails in seconds with
+the file or key named instead of deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from components.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    fingerprint,
+    from_dict,
+    to_dict,
+    validate_against_dataset,
+)
+from components.data.ingest import SegDataConfig, build_datasets, steps_per_epoch
+from components.data.shards import DatasetInfo, list_shards
+from components.data.synthetic import ensure_synthetic
+from components.distillation.build import needs_teacher
+from components.models.build import build_model
+from components.training.checkpoint import (
+    CheckpointError,
+    checkpoint_folders,
+    load_model_state,
+    load_torch_file,
+    read_meta,
+    resolve_checkpoint,
+)
+from components.training.loop import train_loop_per_worker
+
+
+@dataclass
+class Teacher:
+    model: ModelConfig
+    state: dict
+    source: str
+    miou: float | None = None
+
+
+@dataclass
+class Outcome:
+    name: str
+    metrics: dict
+    checkpoint_dir: str | None
+    wall_s: float
+
+
+def prepare_dataset(cfg: Config) -> DatasetInfo:
+    d = cfg.data
+    if d.generate_synthetic and not _exists(d.root):
+        info = ensure_synthetic(d.root, d.synthetic)
+    else:
+        info = DatasetInfo.load(d.root)
+    validate_against_dataset(cfg, info.num_classes, f"{d.root}/dataset.json")
+    for split in (d.train_split, d.val_split):
+        if split not in info.splits:
+            raise ConfigError(
+                f"'data.{'train' if split == d.train_split else 'val'}_split': "
+                f"{d.root}/dataset.json has no split '{split}' (has {sorted(info.splits)})"
+            )
+        list_shards(d.root, split)  # raises naming the folder when missing or empty
+    return info
+
+
+def _exists(root: str) -> bool:
+    if "://" in root:
+        return True  # remote datasets are never generated here
+    return (Path(root) / "dataset.json").exists()
+
+
+def _storage(cfg: Config) -> str:
+    path = cfg.trainer.storage_path
+    return path if "://" in path else os.path.abspath(path)
+
+
+def run_name(cfg: Config, prefix: str = "distill") -> str:
+    """Deterministic: the same experiment gets the same name, so re-running resumes it.
+
+    The trainer section is left out (except the seed): more epochs or more workers continue the
+    same run rather than starting a new one.
+    """
+    if cfg.trainer.name:
+        return cfg.trainer.name
+    key = dataclasses.replace(
+        cfg,
+        trainer=dataclasses.replace(Config().trainer, seed=cfg.trainer.seed),
+        data=dataclasses.replace(cfg.data, prefetch_batches=0),
+    )
+    return f"{prefix}-{cfg.method.name}-{cfg.model.backbone}-{fingerprint(key)}"
+
+
+def teacher_training_config(cfg: Config) -> Config:
+    """The config that trains the teacher when none is given: `method: none` on the same data."""
+    return dataclasses.replace(
+        cfg,
+        model=cfg.teacher.model,
+        method=dataclasses.replace(cfg.method, name="none"),
+        optim=dataclasses.replace(cfg.optim, lr=cfg.teacher.lr),
+        trainer=dataclasses.replace(cfg.trainer, epochs=cfg.teacher.epochs, name=None),
+    )
+
+
+def _check_teacher_classes(state: dict, num_classes: int, source: str) -> None:
+    weight = state.get("head.classifier.weight")
+    if weight is None:
+        weight = next((v for k, v in state.items() if k.endswith("classifier.weight")), None)
+    if weight is None:
+        raise CheckpointError(
+            f"{source}: no classifier weight found; is this a segmentation model?"
+        )
+    if weight.shape[0] != num_classes:
+        raise CheckpointError(
+            f"{source}: teacher predicts {weight.shape[0]} classes but the dataset has "
+            f"{num_classes}"
+        )
+
+
+def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Teacher:
+    """A teacher from a checkpoint folder / run folder / model.pt of ours, or a bare state_dict
+    file (then `teacher.model` describes the architecture)."""
+    p = Path(path)
+    if p.is_file() and not (p.parent / "meta.json").is_file():
+        state = load_torch_file(p)
+        state = state.get("state_dict", state.get("model", state))
+        model, miou = fallback_model, None
+    else:
+        folder = resolve_checkpoint(p)
+        state, meta = load_model_state(folder)
+        model = from_dict({"model": meta["model"]}).model
+        miou = meta.get("metrics", {}).get("miou")
+        path = str(folder)
+    _check_teacher_classes(state, num_classes, path)
+    try:
+        build_model(model, num_classes).load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[:3]
+        raise CheckpointError(
+            f"{path}: does not fit teacher.model ({model.backbone}, {model.head}, width "
+            f"{model.width}): {' '.join(first)}"
+        ) from e
+    return Teacher(model=model, state=state, source=path, miou=miou)
+
+
+def _finished_checkpoint(storage: str, name: str, epochs: int) -> Path | None:
+    if "://" in storage or not (Path(storage) / name).is_dir():
+        return None
+    folders = checkpoint_folders(Path(storage) / name)
+    for folder in reversed(folders):
+        if read_meta(folder).get("progress", {}).get("epoch", 0) >= epochs:
+            return folder
+    return None
+
+
+def obtain_teacher(cfg: Config, info: DatasetInfo, log=print) -> Teacher | None:
+    if not needs_teacher(cfg.method.name):
+        return None
+    if cfg.teacher.checkpoint:
+        teacher = load_teacher(cfg.teacher.checkpoint, cfg.teacher.model, info.num_classes)
+        log(f"teacher: {teacher.source}")
+        return teacher
+    tcfg = teacher_training_config(cfg)
+    name = run_name(tcfg, prefix="teacher")
+    cached = _finished_checkpoint(_storage(cfg), name, tcfg.trainer.epochs)
+    if cached is None:
+        log(f"teacher: no checkpoint configured; training {name}")
+        outcome = fit(tcfg, info, name)
+        cached = Path(outcome.checkpoint_dir) if outcome.checkpoint_dir else None
+        if cached is None:
+            raise CheckpointError(f"teacher run {name} finished without a checkpoint")
+    else:
+        log(f"teacher: reusing {cached}")
+    return load_teacher(str(cached), cfg.teacher.model, info.num_classes)
+
+
+def _resources(cfg: Config) -> tuple[bool, dict]:
+    """GPU use and per-worker resources from the config and what the cluster has."""
+    t = cfg.trainer
+    cluster = ray.cluster_resources()
+    use_gpu = t.use_gpu if t.use_gpu is not None else cluster.get("GPU", 0) > 0
+    per_worker = {"CPU": t.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = 1
+    return use_gpu, per_worker
+
+
+def build_trainer(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = None):
+    use_gpu, per_worker = _resources(cfg)
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "num_classes": info.num_classes,
+        "ignore_index": info.ignore_index,
+        "class_names": info.class_names,
+        "steps_per_epoch": steps_per_epoch(
+            info, cfg.data.train_split, cfg.data.batch_size, cfg.trainer.num_workers
+        ),
+    }
+    if teacher is not None:
+        loop_config["teacher_state"] = ray.put(teacher.state)
+        loop_config["teacher_model"] = dataclasses.asdict(teacher.model)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.trainer.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=_storage(cfg),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
+        ),
+        datasets=build_datasets(cfg.data, info),
+        dataset_config=SegDataConfig(),
+    )
+
+
+def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = None) -> Outcome:
+    """Run (or resume) one training run to the end; raises TrainingFailedError on failure."""
+    start = time.perf_counter()
+    result = build_trainer(cfg, info, name, teacher).fit()
+    checkpoint = result.checkpoint
+    metrics = dict(result.metrics or {})
+    folder = None
+    if checkpoint is not None:
+        folder = checkpoint.path if "://" not in _storage(cfg) else f"{_storage(cfg)}/{name}"
+        if not metrics:
+            metrics = read_meta(folder).get("metrics", {})
+    return Outcome(name, metrics, folder, time.perf_counter() - start)
+
+
+def failure_message(error: BaseException) -> str:
+    """The worker's own error line out of a Ray Train failure (not Ray's traceback)."""
+    text = str(error)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("BadDataError:", "CheckpointError:", "DatasetError:", "ValueError:", "Error:"):
+        hits = [ln for ln in lines if marker in ln]
+        if hits:
+            return hits[-1]
+    return lines[-1] if lines else repr(error)
+
+
+__all__ = [
+    "Outcome",
+    "Teacher",
+    "build_trainer",
+    "failure_message",
+    "fit",
+    "load_teacher",
+    "obtain_teacher",
+    "prepare_dataset",
+    "run_name",
+    "teacher_training_config",
+]

@@ -1,0 +1,25 @@
+"""Shared by the entry scripts: import path, Ray start-up, error reporting."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `python pipelines/x.py` puts pipelines/ first on sys.path; the project root must be there too
+# (under `ray job submit --working-dir .` the package may not be installed on the head node).
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def init_ray() -> None:
+    """Connect to the cluster of RAY_ADDRESS / the submitted job, or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code

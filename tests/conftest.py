@@ -1,0 +1,60 @@
+"""Shared fixtures: one local Ray instance per test session, tiny datasets and configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        # Logical CPUs above the 2 real cores: two 1-CPU train workers plus Ray Data tasks.
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A 4-class synthetic dataset of 32x32 images: 48 train, 16 val rows."""
+    from components.config import SyntheticConfig
+    from components.data.synthetic import ensure_synthetic
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    cfg = SyntheticConfig(num_train=48, num_val=16, size=32, num_classes=4, seed=1)
+    ensure_synthetic(str(root), cfg)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """`tiny_overrides(data_root, storage, **extra)` -> dotted overrides for a run of seconds:
+    tiny models, 32 px crops, one epoch."""
+    return _tiny_overrides
+
+
+def _tiny_overrides(data_root: str, storage: str, **extra: str) -> list[str]:
+    base = {
+        "data.root": data_root,
+        "data.generate_synthetic": "false",
+        "data.crop_size": "32",
+        "data.batch_size": "4",
+        "data.val_batch_size": "8",
+        "data.prefetch_batches": "1",
+        "model.width": "0.125",
+        "teacher.model.backbone": "resnet18",
+        "teacher.model.width": "0.125",
+        "teacher.epochs": "1",
+        "trainer.epochs": "1",
+        "trainer.storage_path": storage,
+        "trainer.log_every": "1000",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,194 @@
+import logging
+
+import numpy as np
+import pytest
+from scipy.ndimage import maximum_filter, minimum_filter
+
+from components.data.shards import encode_png
+from components.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_row,
+    decode_eval_batch,
+    decode_train_batch,
+    normalize,
+    pad_to,
+    random_scale_crop_flip,
+)
+
+K = 4
+
+
+def _coded_pair(h: int = 48, w: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """A mask of 8x8 blocks with class (row block + col block) % K, and an image whose red
+    channel is 60 * class: the mask can be read back from the image after any transform."""
+    rows, cols = np.mgrid[0:h, 0:w]
+    mask = ((rows // 8 + cols // 8) % K).astype(np.uint8)
+    image = np.zeros((h, w, 3), np.uint8)
+    image[..., 0] = mask * 60
+    image[..., 1] = (cols * 255 // (w - 1)).astype(np.uint8)  # left-to-right ramp shows flips
+    return image, mask
+
+
+def _mask_from_image(image: np.ndarray) -> np.ndarray:
+    return np.rint(image[..., 0] / 60).astype(np.uint8)
+
+
+def test_crop_and_flip_at_scale_one_keep_image_and_mask_aligned():
+    image, mask = _coded_pair()
+    rng = np.random.default_rng(0)
+    flips = 0
+    for _ in range(200):
+        out_img, out_mask = random_scale_crop_flip(image, mask, 32, (1.0, 1.0), True, rng)
+        assert out_img.shape == (32, 32, 3) and out_mask.shape == (32, 32)
+        assert out_img.dtype == np.uint8 and out_mask.dtype == np.uint8
+        assert np.array_equal(_mask_from_image(out_img), out_mask)
+        flipped = out_img[0, 0, 1] > out_img[0, -1, 1]
+        flips += flipped
+        # the crop is a window of the (possibly flipped) original
+        source = image[:, ::-1] if flipped else image
+        hits = [
+            (y, x)
+            for y in range(48 - 31)
+            for x in range(40 - 31)
+            if np.array_equal(source[y : y + 32, x : x + 32], out_img)
+        ]
+        assert hits
+    assert 70 <= flips <= 130
+
+
+def test_rescaled_image_and_mask_agree_away_from_edges():
+    image, mask = _coded_pair()
+    rng = np.random.default_rng(1)
+    for scale in (0.6, 1.7):
+        out_img, out_mask = random_scale_crop_flip(image, mask, 32, (scale, scale), True, rng)
+        assert out_img.shape == (32, 32, 3) and out_mask.shape == (32, 32)
+        # bilinear blends classes at block edges: compare where the 3x3 neighbourhood is uniform
+        interior = (maximum_filter(out_mask, 3) == minimum_filter(out_mask, 3)) & (out_mask != 255)
+        agree = _mask_from_image(out_img)[interior] == out_mask[interior]
+        assert interior.sum() > 200 and agree.mean() > 0.95
+
+
+def test_small_images_are_padded_with_zero_and_ignore():
+    image, mask = _coded_pair(20, 16)
+    image += 1  # so that real pixels are never 0
+    out_img, out_mask = random_scale_crop_flip(
+        image, mask, 32, (1.0, 1.0), False, np.random.default_rng(0)
+    )
+    # no room to move the crop: it is the padded image itself
+    assert np.array_equal(out_img[:20, :16], image) and np.array_equal(out_mask[:20, :16], mask)
+    assert (out_img[20:] == 0).all() and (out_img[:, 16:] == 0).all()
+    assert (out_mask[20:] == 255).all() and (out_mask[:, 16:] == 255).all()
+
+
+def test_pad_to_pads_bottom_right_and_rejects_larger_images():
+    image, mask = _coded_pair(8, 8)
+    out_img, out_mask = pad_to(image, mask, 10, 12, ignore_index=7)
+    assert out_img.shape == (10, 12, 3) and out_mask.shape == (10, 12)
+    assert np.array_equal(out_img[:8, :8], image) and out_img[8:].sum() == 0
+    assert (out_mask[8:] == 7).all() and (out_mask[:, 8:] == 7).all()
+    with pytest.raises(ValueError, match="larger"):
+        pad_to(image, mask, 6, 12)
+
+
+def test_normalize_matches_hand_computation():
+    images = np.random.default_rng(2).integers(0, 256, size=(2, 3, 5, 3), dtype=np.uint8)
+    out = normalize(images)
+    assert out.shape == (2, 3, 3, 5) and out.dtype == np.float32
+    b, y, x, c = 1, 2, 4, 2
+    mean, std = (123.675, 116.28, 103.53)[c], (58.395, 57.12, 57.375)[c]
+    assert out[b, c, y, x] == pytest.approx((images[b, y, x, c] - mean) / std, rel=1e-6)
+    assert np.allclose(IMAGENET_MEAN, [123.675, 116.28, 103.53])
+    assert np.allclose(IMAGENET_STD, [58.395, 57.12, 57.375])
+
+
+def _batch(rows: list[tuple[str, bytes, bytes | None]]) -> dict[str, np.ndarray]:
+    return {
+        name: np.array([r[k] for r in rows], dtype=object)
+        for k, name in enumerate(("id", "image", "mask"))
+    }
+
+
+def _bad_and_good_rows() -> dict[str, np.ndarray]:
+    image, mask = _coded_pair(36, 36)
+    wrong_class = mask.copy()
+    wrong_class[3, 3] = 200
+    return _batch(
+        [
+            ("garbage", b"not a png", encode_png(mask)),
+            ("small-mask", encode_png(image), encode_png(mask[:20])),
+            ("class-200", encode_png(image), encode_png(wrong_class)),
+            ("good", encode_png(image), encode_png(mask)),
+        ]
+    )
+
+
+def test_check_row_reasons():
+    batch = _bad_and_good_rows()
+    reasons = [check_row(batch["image"][k], batch["mask"][k], K) for k in range(3)]
+    assert "undecodable image" in reasons[0]
+    assert "20x36 differs from image size 36x36" in reasons[1]
+    assert "[200]" in reasons[2]
+    image, mask = check_row(batch["image"][3], batch["mask"][3], K)
+    assert image.shape == (36, 36, 3) and mask.shape == (36, 36)
+    _, unlabeled = check_row(batch["image"][3], None, K)
+    assert (unlabeled == 255).all()
+
+
+def test_decode_train_batch_keeps_every_row_and_marks_bad_ones(caplog):
+    with caplog.at_level(logging.WARNING, logger="segdistill.data"):
+        out = decode_train_batch(
+            _bad_and_good_rows(),
+            crop_size=32,
+            scale_range=(1.0, 1.0),
+            flip=True,
+            seed=0,
+            num_classes=K,
+        )
+    assert out["valid"].tolist() == [False, False, False, True]
+    assert out["id"].tolist() == ["garbage", "small-mask", "class-200", "good"]
+    assert out["image"].shape == (4, 3, 32, 32) and out["image"].dtype == np.float32
+    assert out["mask"].shape == (4, 32, 32) and out["mask"].dtype == np.int64
+    assert (out["mask"][:3] == 255).all() and (out["image"][:3] == 0).all()
+    assert out["mask"][3].max() < K
+    # the good row's image and mask are still aligned after augmentation
+    red = out["image"][3, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    assert np.array_equal(np.rint(red / 60), out["mask"][3])
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 3 and logged[0].startswith("skipping row garbage:")
+
+
+def test_decode_train_batch_is_reproducible_with_a_seed():
+    kwargs = {"crop_size": 24, "scale_range": (0.5, 2.0), "flip": True, "num_classes": K}
+    batch = _bad_and_good_rows()
+    a = decode_train_batch(batch, seed=5, **kwargs)
+    b = decode_train_batch(batch, seed=5, **kwargs)
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+    c = decode_train_batch(batch, seed=6, **kwargs)
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def test_decode_eval_batch_pads_and_handles_unlabeled_rows():
+    image, mask = _coded_pair(36, 30)
+    batch = _batch(
+        [
+            ("labeled", encode_png(image), encode_png(mask)),
+            ("unlabeled", encode_png(image), None),
+            ("too-big", encode_png(_coded_pair(48, 48)[0]), None),
+        ]
+    )
+    out = decode_eval_batch(batch, pad_height=40, pad_width=40, num_classes=K)
+    assert out["valid"].tolist() == [True, True, False]
+    assert out["image"].shape == (3, 3, 40, 40) and out["mask"].shape == (3, 40, 40)
+    assert np.array_equal(out["mask"][0, :36, :30], mask)
+    assert (out["mask"][0, 36:] == 255).all() and (out["mask"][0, :, 30:] == 255).all()
+    assert (out["mask"][1] == 255).all()
+    assert np.allclose(out["image"][0], out["image"][1])
+    # padded image pixels are 0 before normalization
+    assert np.allclose(out["image"][0, :, 38, 38], -IMAGENET_MEAN / IMAGENET_STD)
+
+
+def test_empty_batch_keeps_column_shapes():
+    out = decode_eval_batch(_batch([]), pad_height=8, pad_width=8, num_classes=K)
+    assert out["image"].shape == (0, 3, 8, 8) and out["mask"].shape == (0, 8, 8)
+    assert out["valid"].shape == (0,) and out["id"].shape == (0,)

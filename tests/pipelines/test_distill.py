@@ -1,0 +1,118 @@
+"""End-to-end runs of pipelines/distill.py and evaluate.py on the shared local Ray instance."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.training.checkpoint import load_full_state, read_meta, resolve_checkpoint
+from pipelines import distill, evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def _run_dir(storage: Path, prefix: str) -> Path:
+    (run,) = [p for p in storage.iterdir() if p.name.startswith(prefix)]
+    return run
+
+
+def test_two_workers_kd_then_evaluate_agrees(
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+):
+    storage = tmp_path / "out"
+    args = tiny_overrides(tiny_data, str(storage), **{"trainer.num_workers": "2"})
+    assert distill.main(args) == 0
+    out = capsys.readouterr().out
+    assert "teacher (resnet18" in out and "student (resnet18" in out and "data wait share" in out
+
+    teacher_run = _run_dir(storage, "teacher-none-resnet18")
+    student_run = _run_dir(storage, "distill-kd-resnet18")
+    meta = read_meta(resolve_checkpoint(student_run))
+    m = meta["metrics"]
+    assert m["world_size"] == 2
+    assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["teacher_miou"] <= 1.0
+    for term in ("loss", "ce", "aux", "kd"):
+        assert term in m, term
+    # 48 rows, 2 workers, batch 4 -> 6 steps each.
+    assert meta["progress"]["iteration"] == 6
+
+    # The driver-side evaluator must agree with the workers' all-reduced confusion matrices.
+    assert evaluate.main(["--checkpoint", str(student_run), "--data", tiny_data]) == 0
+    text = capsys.readouterr().out
+    shown = float(re.search(r"mIoU\s+([0-9.]+)", text).group(1))
+    assert shown == pytest.approx(100 * m["miou"], abs=0.01)
+    for name in json.loads((Path(tiny_data) / "dataset.json").read_text())["class_names"]:
+        assert name in text
+
+    # Second run of the same command: the teacher is reused, the finished student not retrained.
+    assert distill.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"teacher: reusing {teacher_run}" in out
+    assert len(list(teacher_run.glob("epoch_*"))) == 1
+
+
+def test_resume_continues_with_full_state(ray_session, tiny_data, tiny_overrides, tmp_path, capsys):
+    storage = tmp_path / "out"
+    base = tiny_overrides(tiny_data, str(storage), **{"method.name": "none"})
+    assert distill.main(base) == 0
+    run = _run_dir(storage, "distill-none")
+    first, _ = load_full_state(resolve_checkpoint(run))
+    assert first["progress"]["iteration"] == 12 and first["progress"]["epoch"] == 1
+    capsys.readouterr()
+
+    # Same experiment with a longer horizon: the same run continues from its checkpoint.
+    assert distill.main(base + ["trainer.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from checkpoint: epoch 1, iteration 12" in out
+    assert _run_dir(storage, "distill-none") == run
+    second, _ = load_full_state(resolve_checkpoint(run))
+    assert second["progress"]["iteration"] == 24 and second["progress"]["epoch"] == 2
+    assert second["scheduler"]["last_epoch"] == 24
+    # Momentum buffers moved on from the restored ones rather than starting again from zero.
+    buf1 = first["optimizer"]["state"][0]["momentum_buffer"]
+    buf2 = second["optimizer"]["state"][0]["momentum_buffer"]
+    assert buf1.shape == buf2.shape and not torch.equal(buf1, buf2)
+
+
+def test_unknown_key_fails_before_work(tmp_path, capsys):
+    assert distill.main(["trainer.epochz=3"]) == 2
+    assert "trainer.epochz" in capsys.readouterr().err
+
+
+def test_missing_shard_folder_named(ray_session, tiny_data, tiny_overrides, tmp_path, capsys):
+    storage = tmp_path / "out"
+    args = tiny_overrides(tiny_data, str(storage), **{"data.val_split": "test"})
+    assert distill.main(args) == 2
+    assert "no split 'test'" in capsys.readouterr().err
+
+
+def test_teacher_with_other_class_count_rejected(
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+):
+    from components.config import ModelConfig
+    from components.models.build import build_model
+
+    path = tmp_path / "teacher.pth"
+    torch.save(build_model(ModelConfig(width=0.125), num_classes=7).state_dict(), path)
+    args = tiny_overrides(tiny_data, str(tmp_path / "out"), **{"teacher.checkpoint": str(path)})
+    assert distill.main(args) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "7 classes" in err and "has 4" in err
+
+
+def test_truncated_teacher_checkpoint_named(
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+):
+    from components.config import ModelConfig
+    from components.models.build import build_model
+
+    path = tmp_path / "teacher.pth"
+    torch.save(build_model(ModelConfig(width=0.125), num_classes=4).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    args = tiny_overrides(tiny_data, str(tmp_path / "out"), **{"teacher.checkpoint": str(path)})
+    assert distill.main(args) == 2
+    assert str(path) in capsys.readouterr().err

@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from components.config import (
+    Config,
+    ConfigError,
+    fingerprint,
+    from_dict,
+    load_config,
+    merge_config,
+    to_dict,
+    validate_against_dataset,
+)
+
+
+def test_defaults_validate_and_round_trip():
+    cfg = load_config([])
+    assert isinstance(cfg, Config)
+    assert from_dict(to_dict(cfg)) == cfg
+    assert fingerprint(cfg) == fingerprint(from_dict(to_dict(cfg)))
+
+
+def test_yaml_then_overrides(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.05\nmodel:\n  backbone: resnet34\n")
+    cfg = load_config(["--config", str(path), "optim.lr=0.2", "trainer.num_workers=2"])
+    assert cfg.optim.lr == 0.2 and cfg.model.backbone == "resnet34"
+    assert cfg.trainer.num_workers == 2
+    assert cfg.model.width == Config().model.width  # untouched keys keep schema defaults
+
+
+def test_unknown_key_named_with_suggestion(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*did you mean 'optim\.lr'"):
+        load_config(["optim.lrr=0.1"])
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  num_worker: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*trainer\.num_worker"):
+        load_config(["--config", str(path)])
+
+
+def test_wrong_type_named():
+    with pytest.raises(ConfigError, match=r"trainer\.epochs"):
+        load_config(["trainer.epochs=many"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=-0.01", "optim.lr"),
+        ("trainer.num_workers=0", "trainer.num_workers"),
+        ("model.backbone=resnet19", "model.backbone"),
+        ("teacher.model.head=unet", "teacher.model.head"),
+        ("method.name=magic", "method.name"),
+        ("method.weights.pi=-1", "method.weights.pi"),
+        ("data.scale_min=2.0", "data.scale_min"),
+        ("model.pretrained=/no/such/file.pth", "model.pretrained"),
+    ],
+)
+def test_impossible_values_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config([override])
+
+
+def test_num_classes_must_match_dataset():
+    cfg = merge_config(overrides=["data.num_classes=19"])
+    validate_against_dataset(cfg, 19, "x/dataset.json")
+    with pytest.raises(ConfigError, match=r"data\.num_classes.*19.*x/dataset\.json says 21"):
+        validate_against_dataset(cfg, 21, "x/dataset.json")
+
+
+def test_missing_or_broken_yaml(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(["--config", str(tmp_path / "none.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(["--config", str(bad)])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(["optim.lr"])
+
+
+def test_shipped_configs_validate():
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+        load_config(["--config", str(path)])

@@ -1,0 +1,85 @@
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.training.checkpoint import (
+    CheckpointError,
+    load_full_state,
+    load_model_state,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from components.training.schedule import PolyFactor, poly_scheduler
+
+
+def _save(folder: Path, iteration: int) -> None:
+    save_checkpoint(
+        folder,
+        {"w": torch.arange(4.0)},
+        {"progress": {"iteration": iteration}, "rng": [rng_state()]},
+        {"progress": {"epoch": iteration, "iteration": iteration}},
+    )
+
+
+def test_round_trip_and_latest_in_run_folder(tmp_path: Path):
+    _save(tmp_path / "run" / "epoch_0001", 10)
+    _save(tmp_path / "run" / "epoch_0002", 20)
+    (tmp_path / "run" / "epoch_0003").mkdir()  # incomplete: no meta.json
+    folder = resolve_checkpoint(tmp_path / "run")
+    assert folder.name == "epoch_0002"
+    state, _meta = load_model_state(folder)
+    assert torch.equal(state["w"], torch.arange(4.0))
+    full, _ = load_full_state(folder)
+    assert full["progress"]["iteration"] == 20
+    assert resolve_checkpoint(folder / "model.pt") == folder
+    assert not list(folder.glob(".*tmp"))
+
+
+def test_truncated_file_is_named(tmp_path: Path):
+    _save(tmp_path / "c", 1)
+    path = tmp_path / "c" / "state.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"state\.pt.*truncated"):
+        load_full_state(tmp_path / "c")
+    load_model_state(tmp_path / "c")  # the other file is still good
+
+
+def test_missing_checkpoint_named(tmp_path: Path):
+    with pytest.raises(CheckpointError, match="no such"):
+        resolve_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path / "empty")
+
+
+def test_rng_state_restores_all_generators(tmp_path: Path):
+    state = rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    _save(tmp_path / "c", 1)
+    saved, _ = load_full_state(tmp_path / "c")  # weights_only load of the RNG state works
+    set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    set_rng_state(saved["rng"][0])
+
+
+def test_poly_schedule_values_and_state_round_trip():
+    f = PolyFactor(total_iters=100, power=0.9, warmup_iters=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(0.5**0.9) and f(100) == 0.0
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = poly_scheduler(opt, 100, 0.9)
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched2 = poly_scheduler(opt2, 100, 0.9)
+    sched2.load_state_dict(sched.state_dict())
+    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
+    assert sched.get_last_lr()[0] == pytest.approx(0.1 * (1 - 30 / 100) ** 0.9)
