@@ -34,10 +34,10 @@ class ConfigError(ValueError):
 class SyntheticConfig:
     """The procedural texture dataset made when `data.root` does not exist yet."""
 
-    num_train: int = 384
-    num_val: int = 96
+    num_train: int = 256
+    num_val: int = 64
     num_unlabeled: int = 0
-    size: int = 64
+    size: int = 48
     num_classes: int = 5
     seed: int = 0
 
@@ -50,7 +50,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int | None = None  # if set, must equal dataset.json's num_classes
-    crop_size: int = 64
+    crop_size: int = 48
     scale_min: float = 0.75
     scale_max: float = 1.5
     flip: bool = True
@@ -59,6 +59,9 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # fail when more than this share of rows is undecodable
     shuffle_seed: int = 0
     prefetch_batches: int = 2
+    # Keep the encoded rows in the object store after the first epoch (None: when they take
+    # under 20% of it). Saves re-listing and re-reading the shards every epoch.
+    cache_encoded: bool | None = None
 
 
 @dataclass
@@ -76,9 +79,9 @@ class TeacherConfig:
     # A run dir or checkpoint file of a trained teacher. When unset, distill.py trains one with
     # `method: none` on the same data (cached under trainer.storage_path and reused next time).
     checkpoint: str | None = None
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet34", width=0.5))
-    epochs: int = 10  # only used when the teacher is trained here
-    lr: float = 0.02
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18", width=0.5))
+    epochs: int = 5  # only used when the teacher is trained here
+    lr: float = 0.01
 
 
 @dataclass
@@ -109,7 +112,10 @@ class TrainerConfig:
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any
     cpus_per_worker: float = 1.0
-    epochs: int = 12
+    # CPU training only: torch threads per worker. None: the node's cores shared among its
+    # workers (Ray would otherwise pin torch to one thread per requested CPU).
+    torch_threads: int | None = None
+    epochs: int = 8
     storage_path: str = "outputs"  # local path or URI (s3://, gs://); must be shared for multi-node
     name: str | None = None  # None: derived from the config, so the same command resumes
     num_to_keep: int = 2
@@ -235,6 +241,8 @@ def validate(cfg: Config) -> None:
     _check(o.warmup_iters >= 0, "optim.warmup_iters", "must be >= 0")
     _check(t.num_workers >= 1, "trainer.num_workers", f"must be >= 1, got {t.num_workers}")
     _check(t.cpus_per_worker > 0, "trainer.cpus_per_worker", "must be > 0")
+    if t.torch_threads is not None:
+        _check(t.torch_threads >= 1, "trainer.torch_threads", "must be >= 1")
     _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.num_to_keep >= 1, "trainer.num_to_keep", "must be >= 1")
     _check(t.max_failures >= -1, "trainer.max_failures", "must be >= -1")

@@ -6,6 +6,8 @@ split is exact however the split was divided.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -55,7 +57,7 @@ def format_table(confusion: Tensor, class_names: list[str]) -> str:
     width = max(12, *(len(n) for n in class_names))
     lines = [f"{'class':<{width}}  {'IoU':>7}", "-" * (width + 9)]
     for name, value in zip(class_names, iou.tolist()):
-        shown = "    n/a" if value != value else f"{100 * value:7.2f}"
+        shown = "    n/a" if math.isnan(value) else f"{100 * value:7.2f}"
         lines.append(f"{name:<{width}}  {shown}")
     lines.append("-" * (width + 9))
     lines.append(f"{'mIoU':<{width}}  {100 * mean:7.2f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,11 +14,17 @@ if str(ROOT) not in sys.path:
 
 
 def init_ray() -> None:
-    """Connect to the cluster of RAY_ADDRESS / the submitted job, or start a local one."""
+    """Connect to the cluster of RAY_ADDRESS / the submitted job / a local `ray start`, or else
+    start a local instance sized by Ray from this machine (no dashboard: on a laptop it only
+    takes CPU from training; start one with `ray start --head` to have it)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+    except ConnectionError:
+        ray.init(include_dashboard=False)
 
 
 def fail(message: str, code: int = 2) -> int:

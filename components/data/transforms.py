@@ -171,8 +171,12 @@ def decode_train_batch(
     seed: int | None,
     ignore_index: int = 255,
     num_classes: int,
+    shuffle: bool = False,
 ) -> dict[str, np.ndarray]:
     """Decode + random scale/crop/flip a batch of shard rows (columns `id`, `image`, `mask`).
+
+    `shuffle` permutes the rows first (the in-batch part of the training shuffle: Ray's local
+    shuffle buffer is slow and breaks DDP step parity, so rows are shuffled here instead).
 
     Output columns (B rows in, B rows out): see the module docstring; H = W = crop_size.
     With `seed`, the augmentation is a pure function of (seed, the batch's ids), so batches
@@ -183,6 +187,9 @@ def decode_train_batch(
         rng = np.random.default_rng()
     else:
         rng = np.random.default_rng([seed, zlib.crc32("\0".join(map(str, batch["id"])).encode())])
+    if shuffle:
+        order = rng.permutation(len(batch["id"]))
+        batch = {k: v[order] for k, v in batch.items()}
     rows = _decode_rows(batch, num_classes, ignore_index)
     out = []
     for row_id, pair in rows:

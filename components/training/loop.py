@@ -8,7 +8,7 @@ worker group, or the same command run again, resumes from `ray.train.get_checkpo
 
 from __future__ import annotations
 
-import logging
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -32,8 +32,6 @@ from components.training.checkpoint import (
 )
 from components.training.evaluation import predict_confusion
 from components.training.schedule import poly_scheduler
-
-log = logging.getLogger("segdistill.train")
 
 
 class BadDataError(RuntimeError):
@@ -85,6 +83,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     torch.manual_seed(t.seed * 1000 + rank)
+    if not on_gpu:
+        local_workers = max(1, ctx.get_local_world_size())
+        torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // local_workers))
 
     student = build_model(cfg.model, num_classes).to(device)
     teacher = _build_teacher(config, num_classes, device)
@@ -198,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
             for name, value in terms.items():
                 sums[name] += float(value.detach())
             if progress["iteration"] % t.log_every == 0:
-                shown = " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
+                shown = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in terms.items())
                 _print0(
                     rank,
                     f"epoch {epoch + 1}/{t.epochs} it {progress['iteration']}/{total_iters} "

@@ -1,0 +1,72 @@
+"""Ray Data ingest on the shared local Ray instance: bad rows, splits, caching."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from components.config import DataConfig
+from components.data.ingest import SegDataConfig, eval_dataset, steps_per_epoch, train_dataset
+from components.data.shards import DatasetInfo, ShardWriter, encode_png, mask_labels
+
+
+def _write_dataset(root, rows: int, bad: dict[int, str]) -> DatasetInfo:
+    rng = np.random.default_rng(0)
+    with ShardWriter(str(root), "train") as writer:
+        for i in range(rows):
+            image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            mask = rng.integers(0, 3, (32, 32), dtype=np.uint8)
+            image_bytes, mask_bytes = encode_png(image), encode_png(mask)
+            match bad.get(i):
+                case "garbage":
+                    image_bytes = b"not an image"
+                case "size":
+                    mask_bytes = encode_png(mask[:16])
+                case "label":
+                    mask_bytes = encode_png(np.full((32, 32), 7, np.uint8))
+            writer.add(f"row-{i}", image_bytes, mask_bytes, mask_labels(mask), 32, 32)
+    split = writer.close()
+    info = DatasetInfo("t", 3, ["a", "b", "c"], [[0, 0, 0], [1, 1, 1], [2, 2, 2]], 255, {})
+    info.splits = {"train": split, "val": split}
+    (root / "val").symlink_to(root / "train")
+    info.save(str(root))
+    return info
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_bad_rows_are_flagged_not_lost(ray_session, tmp_path, cache):
+    info = _write_dataset(tmp_path, 20, {3: "garbage", 7: "size", 11: "label"})
+    data = DataConfig(root=str(tmp_path), crop_size=24, cache_encoded=cache)
+    batches = list(train_dataset(data, info).iter_batches(batch_size=None))
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert len(valid) == 20 and int((~valid).sum()) == 3
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.shape[1:] == (24, 24)
+    assert np.all(masks[~valid] == 255)
+    assert set(np.unique(masks[valid])) <= {0, 1, 2, 255}
+
+
+def test_val_split_unevenly_keeps_every_row(ray_session, tmp_path):
+    info = _write_dataset(tmp_path, 15, {})
+    ds = eval_dataset(str(tmp_path), info, "val", cache=True)
+    parts = SegDataConfig().configure({"val": ds}, 4, None, None)
+
+    def count(part) -> int:
+        return sum(len(b["mask"]) for b in part["val"].iter_batches())
+
+    # Split iterators are consumed together, as the Train workers do.
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(count, parts))
+    assert sum(counts) == 15  # an even split would drop 3 rows
+
+
+def test_steps_per_epoch_names_the_numbers(tmp_path):
+    info = DatasetInfo("t", 2, ["a", "b"], [[0, 0, 0], [1, 1, 1]], 255, {})
+    from components.data.shards import SplitInfo
+
+    info.splits = {"train": SplitInfo(rows=10, shards=[], max_height=8, max_width=8)}
+    assert steps_per_epoch(info, "train", 2, 2) == 2
+    with pytest.raises(ValueError, match=r"10 rows.*4 worker\(s\) x batch 4"):
+        steps_per_epoch(info, "train", 4, 4)
