@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         name = run_name(cfg)
         print(f"run: {name} (storage: {cfg.trainer.storage_path})", flush=True)
         outcome = fit(cfg, info, name, teacher)
+        if outcome.reused:
+            print(f"run {name} had already finished; showing its last checkpoint", flush=True)
     except (ConfigError, DatasetError, CheckpointError) as e:
         return fail(str(e))
     except ray.train.TrainingFailedError as e:

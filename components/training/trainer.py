@@ -60,6 +60,7 @@ class Outcome:
     metrics: dict
     checkpoint_dir: str | None
     wall_s: float
+    reused: bool = False  # the run had already finished; nothing was trained
 
 
 def prepare_dataset(cfg: Config) -> DatasetInfo:
@@ -177,16 +178,13 @@ def obtain_teacher(cfg: Config, info: DatasetInfo, log=print) -> Teacher | None:
         return teacher
     tcfg = teacher_training_config(cfg)
     name = run_name(tcfg, prefix="teacher")
-    cached = _finished_checkpoint(_storage(cfg), name, tcfg.trainer.epochs)
-    if cached is None:
-        log(f"teacher: no checkpoint configured; training {name}")
-        outcome = fit(tcfg, info, name)
-        cached = Path(outcome.checkpoint_dir) if outcome.checkpoint_dir else None
-        if cached is None:
-            raise CheckpointError(f"teacher run {name} finished without a checkpoint")
-    else:
-        log(f"teacher: reusing {cached}")
-    return load_teacher(str(cached), cfg.teacher.model, info.num_classes)
+    log(f"teacher: no checkpoint configured; training or reusing {name}")
+    outcome = fit(tcfg, info, name)
+    if outcome.checkpoint_dir is None:
+        raise CheckpointError(f"teacher run {name} finished without a checkpoint")
+    if outcome.reused:
+        log(f"teacher: reusing {outcome.checkpoint_dir}")
+    return load_teacher(outcome.checkpoint_dir, cfg.teacher.model, info.num_classes)
 
 
 def _resources(cfg: Config) -> tuple[bool, dict]:
@@ -232,8 +230,15 @@ def build_trainer(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | 
 
 
 def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = None) -> Outcome:
-    """Run (or resume) one training run to the end; raises TrainingFailedError on failure."""
+    """Run (or resume) one training run to the end; raises TrainingFailedError on failure.
+
+    A run that already reached `trainer.epochs` is not started again: its last checkpoint is
+    returned (so re-running a finished command prints its results in seconds)."""
     start = time.perf_counter()
+    done = _finished_checkpoint(_storage(cfg), name, cfg.trainer.epochs)
+    if done is not None:
+        metrics = read_meta(done).get("metrics", {})
+        return Outcome(name, metrics, str(done), time.perf_counter() - start, reused=True)
     result = build_trainer(cfg, info, name, teacher).fit()
     checkpoint = result.checkpoint
     metrics = dict(result.metrics or {})

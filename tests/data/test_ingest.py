@@ -35,6 +35,7 @@ def _write_dataset(root, rows: int, bad: dict[int, str]) -> DatasetInfo:
     return info
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", [True, False])
 def test_bad_rows_are_flagged_not_lost(ray_session, tmp_path, cache):
     info = _write_dataset(tmp_path, 20, {3: "garbage", 7: "size", 11: "label"})
@@ -48,6 +49,7 @@ def test_bad_rows_are_flagged_not_lost(ray_session, tmp_path, cache):
     assert set(np.unique(masks[valid])) <= {0, 1, 2, 255}
 
 
+@pytest.mark.slow
 def test_val_split_unevenly_keeps_every_row(ray_session, tmp_path):
     info = _write_dataset(tmp_path, 15, {})
     ds = eval_dataset(str(tmp_path), info, "val", cache=True)

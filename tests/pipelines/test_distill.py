@@ -52,6 +52,7 @@ def test_two_workers_kd_then_evaluate_agrees(
     assert distill.main(args) == 0
     out = capsys.readouterr().out
     assert f"teacher: reusing {teacher_run}" in out
+    assert "had already finished" in out and f"mIoU {100 * m['miou']:.2f}" in out
     assert len(list(teacher_run.glob("epoch_*"))) == 1
 
 
