@@ -15,8 +15,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # Logical CPUs above the 2 real cores: two 1-CPU train workers plus Ray Data tasks.
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)
+        # Two 1-CPU train workers plus one CPU for Ray Data tasks; more logical CPUs only make Ray
+        # start more worker processes at once, which thrashes a 2-core machine.
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
