@@ -104,7 +104,7 @@ def load_full_state(folder: str | Path) -> tuple[dict, dict]:
 
 
 def checkpoint_folders(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders under a run folder, oldest first (by epoch in the meta)."""
+    """Complete checkpoint folders under a run folder, oldest first (by the iteration in meta.json)."""
     found = [p.parent for p in Path(run_dir).rglob(META_FILE)]
     return sorted(found, key=lambda p: (read_meta(p).get("progress", {}).get("iteration", -1), p))
 

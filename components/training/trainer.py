@@ -51,7 +51,6 @@ class Teacher:
     model: ModelConfig
     state: dict
     source: str
-    miou: float | None = None
 
 
 @dataclass
@@ -140,12 +139,11 @@ def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Te
     if p.is_file() and not (p.parent / "meta.json").is_file():
         state = load_torch_file(p)
         state = state.get("state_dict", state.get("model", state))
-        model, miou = fallback_model, None
+        model = fallback_model
     else:
         folder = resolve_checkpoint(p)
         state, meta = load_model_state(folder)
         model = from_dict({"model": meta["model"]}).model
-        miou = meta.get("metrics", {}).get("miou")
         path = str(folder)
     _check_teacher_classes(state, num_classes, path)
     try:
@@ -156,7 +154,7 @@ def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Te
             f"{path}: does not fit teacher.model ({model.backbone}, {model.head}, width "
             f"{model.width}): {' '.join(first)}"
         ) from e
-    return Teacher(model=model, state=state, source=path, miou=miou)
+    return Teacher(model=model, state=state, source=path)
 
 
 def _finished_checkpoint(storage: str, name: str, epochs: int) -> Path | None:
