@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 HEADS = ("deeplabv3", "pspnet")
-METHODS = ("none", "kd")
+METHODS = ("none", "kd", "cwd", "skd", "adversarial", "cirkd", "sstkd")
 
 
 class ConfigError(ValueError):
@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 class SyntheticConfig:
     """The procedural texture dataset made when `data.root` does not exist yet."""
 
-    num_train: int = 256
+    num_train: int = 512
     num_val: int = 64
     num_unlabeled: int = 0
     size: int = 48
@@ -80,27 +80,86 @@ class TeacherConfig:
     # `method: none` on the same data (cached under trainer.storage_path and reused next time).
     checkpoint: str | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18", width=0.5))
-    epochs: int = 5  # only used when the teacher is trained here
-    lr: float = 0.01
+    epochs: int = 12  # only used when the teacher is trained here
+    lr: float = 0.02
 
 
 @dataclass
 class MethodWeights:
+    """Loss weights. A weight of 0 switches its term off (and skips computing it). `None` means
+    the published default of the chosen method (docs/methods.md lists them)."""
+
     ce: float = 1.0  # cross-entropy on the labels
     aux: float = 0.4  # auxiliary-head cross-entropy
-    pi: float = 1.0  # pixel-wise logit KD
+    pi: float | None = None  # pixel-wise logit KD: 1.0 (kd, cirkd), 10.0 (sstkd)
+    adv: float | None = None  # adversarial term of the student: 0.001 (adversarial), 0.1 (sstkd)
+    critic: float = 0.1  # λ_d, the critic's own loss weight (adversarial, sstkd)
+    cwd_feat: float = 50.0  # CWD on the pre-classifier features
+    cwd_logit: float = 3.0  # CWD on the logits
+    skd: float = 10.0  # SKD pair-wise affinity
+    batch_pixel: float = 1.0  # CIRKD mini-batch pixel-pixel relation
+    memory_pixel: float = 0.1  # CIRKD pixel-to-memory-pixel contrast
+    memory_region: float = 0.1  # CIRKD pixel-to-memory-region contrast
+    sta: float = 1.0  # SSTKD statistical texture (DTIEM)
+    str: float = 1.0  # SSTKD structural texture (CDM); last, as the name shadows the builtin
+
+
+@dataclass
+class DTIEMConfig:
+    """Denoised Texture Intensity Equalization Module (SSTKD statistical texture)."""
+
+    levels: int = 16  # quantization levels N (Tune range 4-128)
+    iterations: int = 3  # Lloyd-Max refinement rounds T
+    clip: float = 2.0  # β: histogram bins are clipped at β/N
+
+
+@dataclass
+class CDMConfig:
+    """Contourlet Decomposition Module (SSTKD structural texture)."""
+
+    levels: int = 2  # Laplacian pyramid levels
+    directions: int = 8  # directional sub-bands per level (a power of two)
+
+
+@dataclass
+class AdversarialConfig:
+    """WGAN-GP critic on (image, class probabilities) for holistic distillation."""
+
+    critic_lr: float = 4e-4
+    gradient_penalty: float = 10.0
+    critic_width: int = 64  # channels of the critic's first conv
+
+
+@dataclass
+class CIRKDConfig:
+    """Cross-image relational KD: mini-batch relations and class memory banks."""
+
+    batch_temperature: float = 0.1
+    memory_temperature: float = 0.1
+    # Per class. The paper keeps 20000 / 2000 and samples negatives from them; here every filled
+    # entry is a negative, so smaller queues give a similar count (docs/methods.md).
+    pixel_memory_size: int = 256
+    region_memory_size: int = 64
+    pixels_per_class: int = 16  # enqueued per image and class
+    num_anchors: int = 1024  # student pixels contrasted with the memory per step
 
 
 @dataclass
 class MethodConfig:
-    name: str = "kd"
-    temperature: float = 1.0
+    name: str = "sstkd"
+    temperature: float = 1.0  # pixel-wise KD temperature
+    cwd_temperature: float = 4.0
+    skd_pool_size: int = 2  # SKD max-pools features in patches of this size (CIRKD's protocol)
     weights: MethodWeights = field(default_factory=MethodWeights)
+    dtiem: DTIEMConfig = field(default_factory=DTIEMConfig)
+    cdm: CDMConfig = field(default_factory=CDMConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    cirkd: CIRKDConfig = field(default_factory=CIRKDConfig)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.01
+    lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
@@ -115,7 +174,7 @@ class TrainerConfig:
     # CPU training only: torch threads per worker. None: the node's cores shared among its
     # workers (Ray would otherwise pin torch to one thread per requested CPU).
     torch_threads: int | None = None
-    epochs: int = 8
+    epochs: int = 10
     storage_path: str = "outputs"  # local path or URI (s3://, gs://); must be shared for multi-node
     name: str | None = None  # None: derived from the config, so the same command resumes
     num_to_keep: int = 2
@@ -231,9 +290,29 @@ def validate(cfg: Config) -> None:
     m = cfg.method
     _check(m.name in METHODS, "method.name", f"'{m.name}' not one of {METHODS}")
     _check(m.temperature > 0, "method.temperature", "must be > 0")
+    _check(m.cwd_temperature > 0, "method.cwd_temperature", "must be > 0")
+    _check(m.skd_pool_size >= 1, "method.skd_pool_size", "must be >= 1")
     for f in fields(m.weights):
         w = getattr(m.weights, f.name)
-        _check(w >= 0, f"method.weights.{f.name}", f"must be >= 0, got {w}")
+        if w is not None:
+            _check(w >= 0, f"method.weights.{f.name}", f"must be >= 0, got {w}")
+    _check(m.dtiem.levels >= 2, "method.dtiem.levels", f"must be >= 2, got {m.dtiem.levels}")
+    _check(m.dtiem.iterations >= 0, "method.dtiem.iterations", "must be >= 0")
+    _check(m.dtiem.clip >= 1, "method.dtiem.clip", f"must be >= 1 (β/N >= 1/N), got {m.dtiem.clip}")
+    _check(m.cdm.levels >= 1, "method.cdm.levels", f"must be >= 1, got {m.cdm.levels}")
+    d_ = m.cdm.directions
+    _check(
+        d_ >= 1 and d_ & (d_ - 1) == 0, "method.cdm.directions", f"must be a power of 2, got {d_}"
+    )
+    a = m.adversarial
+    _check(a.critic_lr > 0, "method.adversarial.critic_lr", "must be > 0")
+    _check(a.gradient_penalty >= 0, "method.adversarial.gradient_penalty", "must be >= 0")
+    _check(a.critic_width >= 4, "method.adversarial.critic_width", "must be >= 4")
+    c = m.cirkd
+    _check(c.batch_temperature > 0, "method.cirkd.batch_temperature", "must be > 0")
+    _check(c.memory_temperature > 0, "method.cirkd.memory_temperature", "must be > 0")
+    for key in ("pixel_memory_size", "region_memory_size", "pixels_per_class", "num_anchors"):
+        _check(getattr(c, key) >= 1, f"method.cirkd.{key}", "must be >= 1")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -300,10 +379,15 @@ def load_config(argv: list[str] | None = None, base: Config | None = None) -> Co
 
 __all__ = [
     "MISSING",
+    "AdversarialConfig",
+    "CDMConfig",
+    "CIRKDConfig",
     "Config",
     "ConfigError",
+    "DTIEMConfig",
     "DataConfig",
     "MethodConfig",
+    "MethodWeights",
     "ModelConfig",
     "OptimConfig",
     "SyntheticConfig",

@@ -55,6 +55,12 @@ def test_wrong_type_named():
         ("method.weights.pi=-1", "method.weights.pi"),
         ("data.scale_min=2.0", "data.scale_min"),
         ("model.pretrained=/no/such/file.pth", "model.pretrained"),
+        ("method.dtiem.levels=1", "method.dtiem.levels"),
+        ("method.dtiem.clip=0.5", "method.dtiem.clip"),
+        ("method.cdm.levels=0", "method.cdm.levels"),
+        ("method.cdm.directions=6", "method.cdm.directions"),
+        ("method.weights.str=-1", "method.weights.str"),
+        ("method.adversarial.critic_lr=0", "method.adversarial.critic_lr"),
     ],
 )
 def test_impossible_values_named(override, key):
@@ -84,5 +90,22 @@ def test_malformed_override():
 
 
 def test_shipped_configs_validate():
-    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
-        load_config(["--config", str(path)])
+    paths = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+    assert len(paths) >= 9
+    for path in paths:
+        # The real-data protocols name the user's ImageNet weights, which are not in the repo.
+        cfg = load_config(["--config", str(path), "model.pretrained=null"])
+        header = path.read_text().split("\n# ", 1)[1]
+        assert f"pipelines/distill.py --config configs/{path.name}" in header, path.name
+        if "cityscapes" in path.name:
+            assert cfg.data.num_classes == 19 and cfg.trainer.use_gpu, path.name
+
+
+def test_paper_protocols_are_about_40k_iterations():
+    root = Path(__file__).parents[1] / "configs"
+    for path in root.glob("*_cityscapes_*.yaml"):
+        cfg = load_config(["--config", str(path), "model.pretrained=null"])
+        per_step = cfg.data.batch_size * cfg.trainer.num_workers
+        steps = (2975 // cfg.trainer.num_workers) // cfg.data.batch_size  # Cityscapes train
+        assert per_step in (8, 16), path.name
+        assert abs(steps * cfg.trainer.epochs - 40_000) < 200, path.name

@@ -39,6 +39,7 @@ class SegmentationModel(nn.Module):
         self.head = head
         self.aux_head = aux_head
         self.num_classes = num_classes
+        self.name = type(self).__name__  # build_model sets e.g. "deeplabv3-resnet18 x0.25"
         self.output_stride = backbone.output_stride
         self.feature_channels = {
             "low": backbone.out_channels["layer1"],
@@ -113,4 +114,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> SegmentationModel:
         aux_head = FCNAuxHead(aux_in, num_classes, _scaled(256, cfg.width, 16))
     if cfg.pretrained:
         _print_report(cfg.pretrained, load_pretrained_backbone(backbone, cfg.pretrained))
-    return SegmentationModel(backbone, head, num_classes, aux_head)
+    model = SegmentationModel(backbone, head, num_classes, aux_head)
+    model.name = f"{cfg.head}-{cfg.backbone} x{cfg.width:g}"
+    return model

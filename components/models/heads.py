@@ -20,6 +20,14 @@ from torch import Tensor, nn
 from components.models.resnet import init_weights
 
 
+def init_classifier(conv: nn.Conv2d) -> None:
+    """N(0, 0.01) weights and zero bias (as mmsegmentation's conv_seg): near-uniform initial
+    predictions. Kaiming init here gives logits with a std of ~5 and a first loss of ~6, which
+    slows training from scratch badly."""
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+
+
 def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (kernel // 2)
     return nn.Sequential(
@@ -84,6 +92,7 @@ class DeepLabV3Head(nn.Module):
         self.conv = _conv_bn_relu(channels, channels, 3)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self)
+        init_classifier(self.classifier)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, in_channels, h, w) -> embed (B, channels, h, w), logits (B, K, h, w)."""
@@ -109,6 +118,7 @@ class PSPHead(nn.Module):
         self.dropout = nn.Dropout(0.1)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self)
+        init_classifier(self.classifier)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, in_channels, h, w) -> embed (B, channels, h, w), logits (B, K, h, w)."""
@@ -125,6 +135,7 @@ class FCNAuxHead(nn.Module):
         self.dropout = nn.Dropout(0.1)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self)
+        init_classifier(self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_channels, h, w) -> logits (B, K, h, w)."""

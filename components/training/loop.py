@@ -94,7 +94,9 @@ def train_loop_per_worker(config: dict) -> None:
         if teacher is not None:
             teacher = teacher.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if (on_gpu and t.amp) else None
-    method = build_method(cfg, student, teacher, autocast_dtype=amp_dtype).to(device)
+    method = build_method(
+        cfg, student, teacher, num_classes=num_classes, autocast_dtype=amp_dtype
+    ).to(device)
 
     o = cfg.optim
     optimizer = torch.optim.SGD(

@@ -20,7 +20,7 @@ def _run_dir(storage: Path, prefix: str) -> Path:
     return run
 
 
-def test_two_workers_kd_then_evaluate_agrees(
+def test_two_workers_sstkd_then_evaluate_agrees(
     ray_session, tiny_data, tiny_overrides, tmp_path, capsys
 ):
     storage = tmp_path / "out"
@@ -30,12 +30,12 @@ def test_two_workers_kd_then_evaluate_agrees(
     assert "teacher (resnet18" in out and "student (resnet18" in out and "data wait share" in out
 
     teacher_run = _run_dir(storage, "teacher-none-resnet18")
-    student_run = _run_dir(storage, "distill-kd-resnet18")
+    student_run = _run_dir(storage, "distill-sstkd-resnet18")
     meta = read_meta(resolve_checkpoint(student_run))
     m = meta["metrics"]
     assert m["world_size"] == 2
     assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["teacher_miou"] <= 1.0
-    for term in ("loss", "ce", "aux", "kd"):
+    for term in ("loss", "ce", "aux", "pi", "adv", "str", "sta", "critic"):
         assert term in m, term
     # 48 rows, 2 workers, batch 4 -> 6 steps each.
     assert meta["progress"]["iteration"] == 6
@@ -57,10 +57,26 @@ def test_two_workers_kd_then_evaluate_agrees(
 
 
 def test_resume_continues_with_full_state(ray_session, tiny_data, tiny_overrides, tmp_path, capsys):
+    from components.config import ModelConfig
+    from components.models.build import build_model
+
+    # CIRKD plus the adversarial term: the memory bank and the critic are method state that must
+    # come back too. A bare (untrained) teacher state_dict skips training a teacher.
+    teacher = tmp_path / "teacher.pth"
+    torch.save(build_model(ModelConfig(width=0.125), num_classes=4).state_dict(), teacher)
     storage = tmp_path / "out"
-    base = tiny_overrides(tiny_data, str(storage), **{"method.name": "none"})
+    base = tiny_overrides(
+        tiny_data,
+        str(storage),
+        **{
+            "method.name": "cirkd",
+            "method.weights.adv": "0.01",
+            "teacher.checkpoint": str(teacher),
+            "teacher.model.width": "0.125",
+        },
+    )
     assert distill.main(base) == 0
-    run = _run_dir(storage, "distill-none")
+    run = _run_dir(storage, "distill-cirkd")
     first, _ = load_full_state(resolve_checkpoint(run))
     assert first["progress"]["iteration"] == 12 and first["progress"]["epoch"] == 1
     capsys.readouterr()
@@ -69,7 +85,7 @@ def test_resume_continues_with_full_state(ray_session, tiny_data, tiny_overrides
     assert distill.main(base + ["trainer.epochs=2"]) == 0
     out = capsys.readouterr().out
     assert "resumed from checkpoint: epoch 1, iteration 12" in out
-    assert _run_dir(storage, "distill-none") == run
+    assert _run_dir(storage, "distill-cirkd") == run
     second, _ = load_full_state(resolve_checkpoint(run))
     assert second["progress"]["iteration"] == 24 and second["progress"]["epoch"] == 2
     assert second["scheduler"]["last_epoch"] == 24
@@ -77,6 +93,11 @@ def test_resume_continues_with_full_state(ray_session, tiny_data, tiny_overrides
     buf1 = first["optimizer"]["state"][0]["momentum_buffer"]
     buf2 = second["optimizer"]["state"][0]["momentum_buffer"]
     assert buf1.shape == buf2.shape and not torch.equal(buf1, buf2)
+    # The critic's Adam kept counting, and the memory bank kept filling from where it was.
+    steps = [s["method"]["holistic"]["optimizer"]["state"][0]["step"] for s in (first, second)]
+    assert [float(x) for x in steps] == [12.0, 24.0]
+    counts = [int(s["method"]["memory_bank"]["region_count"].sum()) for s in (first, second)]
+    assert 0 < counts[0] < counts[1]
 
 
 def test_unknown_key_fails_before_work(tmp_path, capsys):

@@ -1,0 +1,205 @@
+"""The synthetic method benchmark (issue 3): every supervised method, same teacher, same budget.
+
+    python benchmarks/synthetic_methods.py                          # the full table, 3 seeds
+    python benchmarks/synthetic_methods.py --methods none kd --seeds 0 --iters 100   # a quick look
+
+Runs in one process with plain PyTorch on the components the Ray job uses (shards, transforms,
+models, `build_method`, the poly schedule, `predict_confusion`), so 27 short runs do not each pay
+Ray Train's fixed start-up. A teacher is trained once (`method: none`) and shared by every run.
+Step time is the median wall time of a training step (teacher forward included) measured in the
+same process, so the ratios to `none` compare like with like. Results are written as JSON and a
+Markdown table (`--out`, default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.config import Config, merge_config  # noqa: E402
+from components.data.shards import read_split_table  # noqa: E402
+from components.data.synthetic import ensure_synthetic  # noqa: E402
+from components.data.transforms import decode_eval_batch, decode_train_batch  # noqa: E402
+from components.distillation.build import build_method  # noqa: E402
+from components.metrics import miou  # noqa: E402
+from components.models.build import build_model  # noqa: E402
+from components.training.evaluation import predict_confusion  # noqa: E402
+from components.training.schedule import poly_scheduler  # noqa: E402
+
+# name -> overrides on top of the default config (the ablations switch one texture term off).
+METHODS = {
+    "none": ["method.name=none"],
+    "kd": ["method.name=kd"],
+    "cwd": ["method.name=cwd"],
+    "skd": ["method.name=skd"],
+    "cirkd": ["method.name=cirkd"],
+    "sstkd": ["method.name=sstkd"],
+    "sstkd_structural_only": ["method.name=sstkd", "method.weights.sta=0"],
+    "sstkd_statistical_only": ["method.name=sstkd", "method.weights.str=0"],
+    "kd_plus_texture": ["method.name=sstkd", "method.weights.adv=0"],
+}
+
+
+class Data:
+    """The decoded train and val splits, in memory; train batches are augmented on the fly."""
+
+    def __init__(self, cfg: Config):
+        info = ensure_synthetic(cfg.data.root, cfg.data.synthetic)
+        self.info, self.cfg = info, cfg
+        cols = ["id", "image", "mask"]
+        self.train = read_split_table(cfg.data.root, "train", cols).to_pydict()
+        val = read_split_table(cfg.data.root, "val", cols).to_pydict()
+        v = info.splits["val"]
+        self.val = decode_eval_batch(
+            {k: np.array(x, dtype=object) for k, x in val.items()},
+            pad_height=v.max_height,
+            pad_width=v.max_width,
+            num_classes=info.num_classes,
+        )
+
+    def train_batches(self, seed: int):
+        d, rng = self.cfg.data, np.random.default_rng(seed)
+        n = len(self.train["id"])
+        epoch = 0
+        while True:
+            order = rng.permutation(n)
+            for start in range(0, n - d.batch_size + 1, d.batch_size):
+                idx = order[start : start + d.batch_size]
+                rows = {k: np.array([v[i] for i in idx], dtype=object) for k, v in self.train.items()}
+                out = decode_train_batch(
+                    rows,
+                    crop_size=d.crop_size,
+                    scale_range=(d.scale_min, d.scale_max),
+                    flip=d.flip,
+                    seed=seed * 100_003 + epoch,
+                    num_classes=self.info.num_classes,
+                )
+                yield {
+                    "image": torch.from_numpy(out["image"]),
+                    "mask": torch.from_numpy(out["mask"].astype(np.int64)),
+                }
+            epoch += 1
+
+    def val_miou(self, model: torch.nn.Module) -> float:
+        batches = [
+            {
+                "image": torch.from_numpy(self.val["image"][i : i + 16]),
+                "mask": torch.from_numpy(self.val["mask"][i : i + 16].astype(np.int64)),
+                "valid": torch.from_numpy(self.val["valid"][i : i + 16]),
+            }
+            for i in range(0, len(self.val["id"]), 16)
+        ]
+        return miou(predict_confusion(model, batches, self.info.num_classes))[0]
+
+
+def train(
+    cfg: Config, data: Data, iters: int, seed: int, teacher: torch.nn.Module | None = None
+) -> dict:
+    """One run of `iters` steps; returns val mIoU, the median step time and the model."""
+    torch.manual_seed(seed)
+    k = data.info.num_classes
+    model_cfg = cfg.teacher.model if teacher is None and cfg.method.name == "none" else cfg.model
+    student = build_model(model_cfg, k)
+    method = build_method(cfg, student, teacher, num_classes=k)
+    o = cfg.optim
+    optimizer = torch.optim.SGD(
+        method.trainable.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+    )
+    scheduler = poly_scheduler(optimizer, iters, o.poly_power, o.warmup_iters)
+    batches = data.train_batches(seed)
+    step_s, sums = [], {}
+    method.trainable.train()
+    for _ in range(iters):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        terms = method.training_step(batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        scheduler.step()
+        step_s.append(time.perf_counter() - t0)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+    model = method.eval_model()
+    return {
+        "miou": data.val_miou(model),
+        "step_ms": 1000 * statistics.median(step_s),
+        "terms": {name: v / iters for name, v in sums.items()},
+        "model": model,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--iters", type=int, default=400, help="student steps per run")
+    parser.add_argument("--teacher-iters", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = merge_config(None, args.overrides)
+    data = Data(base)
+
+    t0 = time.perf_counter()
+    tcfg = merge_config(None, [*args.overrides, "method.name=none", f"optim.lr={base.teacher.lr}"])
+    teacher_run = train(tcfg, data, args.teacher_iters, seed=1234)
+    teacher = teacher_run["model"].eval().requires_grad_(False)
+    print(f"teacher: val mIoU {100 * teacher_run['miou']:.2f} ({time.perf_counter() - t0:.0f} s)")
+
+    results: dict[str, list[dict]] = {}
+    for name in args.methods:
+        cfg = merge_config(None, [*args.overrides, *METHODS[name]])
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            run = train(cfg, data, args.iters, seed, None if name == "none" else teacher)
+            run.pop("model")
+            run["seed"], run["wall_s"] = seed, time.perf_counter() - t0
+            results.setdefault(name, []).append(run)
+            print(
+                f"{name:24s} seed {seed}: mIoU {100 * run['miou']:.2f}  "
+                f"step {run['step_ms']:.1f} ms  ({run['wall_s']:.0f} s)",
+                flush=True,
+            )
+    write_results(args, base, teacher_run["miou"], results)
+
+
+def write_results(args, base: Config, teacher_miou: float, results: dict) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = statistics.median(r["step_ms"] for r in results.get("none", [{"step_ms": float("nan")}]))
+    lines = [
+        f"Teacher ({base.teacher.model.backbone} x{base.teacher.model.width:g}, "
+        f"{args.teacher_iters} steps): val mIoU {100 * teacher_miou:.2f}. "
+        f"Students: {base.model.backbone} x{base.model.width:g}, {args.iters} steps, "
+        f"seeds {args.seeds}.",
+        "",
+        "| method | val mIoU (mean ± std) | step ms (median) | step time / none |",
+        "|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        m = [100 * r["miou"] for r in runs]
+        std = statistics.stdev(m) if len(m) > 1 else 0.0
+        step = statistics.median(r["step_ms"] for r in runs)
+        lines.append(f"| {name} | {statistics.mean(m):.2f} ± {std:.2f} | {step:.1f} | {step / ref:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "synthetic_methods.md").write_text(table + "\n")
+    (out / "synthetic_methods.json").write_text(
+        json.dumps({"teacher_miou": teacher_miou, "args": vars(args), "runs": results}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
