@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import merge_config  # noqa: E402
-from components.distillation.build import build_method  # noqa: E402
-from components.distillation.contourlet import structural_texture_loss  # noqa: E402
-from components.distillation.texture import statistical_texture_loss  # noqa: E402
-from components.models.build import build_model  # noqa: E402
+from components.config import merge_config
+from components.distillation.build import build_method
+from components.distillation.contourlet import structural_texture_loss
+from components.distillation.texture import statistical_texture_loss
+from components.models.build import build_model
 
 
 def saved_bytes(fn) -> int:
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     kd_ms = 1000 * statistics.median(times["kd"])
     tex_ms = 1000 * statistics.median(times["kd + texture"])
-    print(f"device {device}, batch {args.batch}x3x{args.crop}x{args.crop}, low map {tuple(s_low.shape)}")
+    print(
+        f"device {device}, batch {args.batch}x3x{args.crop}x{args.crop}, low map {tuple(s_low.shape)}"
+    )
     print(f"kd step            {kd_ms:8.1f} ms (median of {args.steps})")
     print(f"kd + texture step  {tex_ms:8.1f} ms  -> ratio {tex_ms / kd_ms:.3f}")
     print(f"texture losses save {texture_bytes / 2**20:.2f} MiB for backward")

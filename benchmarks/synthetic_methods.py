@@ -25,15 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import Config, merge_config  # noqa: E402
-from components.data.shards import read_split_table  # noqa: E402
-from components.data.synthetic import ensure_synthetic  # noqa: E402
-from components.data.transforms import decode_eval_batch, decode_train_batch  # noqa: E402
-from components.distillation.build import build_method  # noqa: E402
-from components.metrics import miou  # noqa: E402
-from components.models.build import build_model  # noqa: E402
-from components.training.evaluation import predict_confusion  # noqa: E402
-from components.training.schedule import poly_scheduler  # noqa: E402
+from components.config import Config, ModelConfig, merge_config
+from components.data.shards import read_split_table
+from components.data.synthetic import ensure_synthetic
+from components.data.transforms import decode_eval_batch, decode_train_batch
+from components.distillation.build import build_method
+from components.metrics import miou
+from components.models.build import build_model
+from components.training.evaluation import predict_confusion
+from components.training.schedule import poly_scheduler
 
 # name -> overrides on top of the default config (the ablations switch one texture term off).
 METHODS = {
@@ -74,7 +74,9 @@ class Data:
             order = rng.permutation(n)
             for start in range(0, n - d.batch_size + 1, d.batch_size):
                 idx = order[start : start + d.batch_size]
-                rows = {k: np.array([v[i] for i in idx], dtype=object) for k, v in self.train.items()}
+                rows = {
+                    k: np.array([v[i] for i in idx], dtype=object) for k, v in self.train.items()
+                }
                 out = decode_train_batch(
                     rows,
                     crop_size=d.crop_size,
@@ -102,13 +104,18 @@ class Data:
 
 
 def train(
-    cfg: Config, data: Data, iters: int, seed: int, teacher: torch.nn.Module | None = None
+    cfg: Config,
+    data: Data,
+    iters: int,
+    seed: int,
+    teacher: torch.nn.Module | None = None,
+    model_cfg: ModelConfig | None = None,
 ) -> dict:
-    """One run of `iters` steps; returns val mIoU, the median step time and the model."""
+    """One run of `iters` steps of `model_cfg` (default: cfg.model); returns val mIoU, the median
+    step time, the mean of each loss term and the trained model."""
     torch.manual_seed(seed)
     k = data.info.num_classes
-    model_cfg = cfg.teacher.model if teacher is None and cfg.method.name == "none" else cfg.model
-    student = build_model(model_cfg, k)
+    student = build_model(model_cfg or cfg.model, k)
     method = build_method(cfg, student, teacher, num_classes=k)
     o = cfg.optim
     optimizer = torch.optim.SGD(
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     tcfg = merge_config(None, [*args.overrides, "method.name=none", f"optim.lr={base.teacher.lr}"])
-    teacher_run = train(tcfg, data, args.teacher_iters, seed=1234)
+    teacher_run = train(tcfg, data, args.teacher_iters, seed=1234, model_cfg=tcfg.teacher.model)
     teacher = teacher_run["model"].eval().requires_grad_(False)
     print(f"teacher: val mIoU {100 * teacher_run['miou']:.2f} ({time.perf_counter() - t0:.0f} s)")
 
@@ -180,10 +187,12 @@ def write_results(args, base: Config, teacher_miou: float, results: dict) -> Non
     out.mkdir(parents=True, exist_ok=True)
     ref = statistics.median(r["step_ms"] for r in results.get("none", [{"step_ms": float("nan")}]))
     lines = [
-        f"Teacher ({base.teacher.model.backbone} x{base.teacher.model.width:g}, "
-        f"{args.teacher_iters} steps): val mIoU {100 * teacher_miou:.2f}. "
-        f"Students: {base.model.backbone} x{base.model.width:g}, {args.iters} steps, "
-        f"seeds {args.seeds}.",
+        (
+            f"Teacher ({base.teacher.model.backbone} x{base.teacher.model.width:g}, "
+            f"{args.teacher_iters} steps): val mIoU {100 * teacher_miou:.2f}. "
+            f"Students: {base.model.backbone} x{base.model.width:g}, {args.iters} steps, "
+            f"seeds {args.seeds}."
+        ),
         "",
         "| method | val mIoU (mean ± std) | step ms (median) | step time / none |",
         "|---|---|---|---|",
@@ -192,7 +201,9 @@ def write_results(args, base: Config, teacher_miou: float, results: dict) -> Non
         m = [100 * r["miou"] for r in runs]
         std = statistics.stdev(m) if len(m) > 1 else 0.0
         step = statistics.median(r["step_ms"] for r in runs)
-        lines.append(f"| {name} | {statistics.mean(m):.2f} ± {std:.2f} | {step:.1f} | {step / ref:.2f} |")
+        lines.append(
+            f"| {name} | {statistics.mean(m):.2f} ± {std:.2f} | {step:.1f} | {step / ref:.2f} |"
+        )
     table = "\n".join(lines)
     print(table)
     (out / "synthetic_methods.md").write_text(table + "\n")

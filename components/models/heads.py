@@ -28,10 +28,29 @@ def init_classifier(conv: nn.Conv2d) -> None:
     nn.init.zeros_(conv.bias)
 
 
+class AtrousConv2d(nn.Conv2d):
+    """A zero-padded dilated 3x3 conv that skips the work its padding makes pointless.
+
+    When the dilation is at least the map's height and width, every off-centre tap reads
+    padding (zeros), so the result is exactly the centre tap as a 1x1 conv. That is the case for
+    ASPP's large rates on small maps (CPU runs, small crops), where PyTorch's dilated-conv kernel
+    on CPU is slow. Same parameters and state_dict keys as nn.Conv2d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if self.dilation[0] >= h and self.dilation[1] >= w and self.padding_mode == "zeros":
+            k = self.kernel_size[0] // 2, self.kernel_size[1] // 2
+            centre = self.weight[:, :, k[0] : k[0] + 1, k[1] : k[1] + 1]
+            return F.conv2d(x, centre, self.bias, self.stride, 0, 1, self.groups)
+        return super().forward(x)
+
+
 def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (kernel // 2)
+    conv = nn.Conv2d if dilation == 1 else AtrousConv2d
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+        conv(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )

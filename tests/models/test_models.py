@@ -293,3 +293,15 @@ def test_gradient_reaches_backbone() -> None:
     assert model.backbone.conv1.weight.grad.abs().sum() > 0
     assert model.backbone.layer4[1].conv2.weight.grad.abs().sum() > 0
     assert model.aux_head.classifier.weight.grad is None  # aux logits were not in the loss
+
+
+@pytest.mark.parametrize(("size", "dilation"), [(6, 12), (6, 6), (7, 6), (12, 4)])
+def test_atrous_conv_shortcut_equals_the_full_dilated_conv(size, dilation):
+    from components.models.heads import AtrousConv2d
+
+    torch.manual_seed(0)
+    conv = AtrousConv2d(4, 3, 3, padding=dilation, dilation=dilation, bias=False).double()
+    reference = torch.nn.Conv2d(4, 3, 3, padding=dilation, dilation=dilation, bias=False).double()
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, size, size, dtype=torch.float64)
+    torch.testing.assert_close(conv(x), reference(x))
