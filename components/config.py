@@ -80,7 +80,7 @@ class TeacherConfig:
     # `method: none` on the same data (cached under trainer.storage_path and reused next time).
     checkpoint: str | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18", width=0.5))
-    epochs: int = 12  # only used when the teacher is trained here
+    epochs: int = 4  # only used when the teacher is trained here
     lr: float = 0.02
 
 
@@ -174,7 +174,7 @@ class TrainerConfig:
     # CPU training only: torch threads per worker. None: the node's cores shared among its
     # workers (Ray would otherwise pin torch to one thread per requested CPU).
     torch_threads: int | None = None
-    epochs: int = 10
+    epochs: int = 4
     storage_path: str = "outputs"  # local path or URI (s3://, gs://); must be shared for multi-node
     name: str | None = None  # None: derived from the config, so the same command resumes
     num_to_keep: int = 2
@@ -304,6 +304,17 @@ def validate(cfg: Config) -> None:
     _check(
         d_ >= 1 and d_ & (d_ - 1) == 0, "method.cdm.directions", f"must be a power of 2, got {d_}"
     )
+    if m.name == "sstkd" and m.weights.str > 0:
+        from components.distillation.contourlet import max_levels
+
+        low = -(-d.crop_size // 4)  # the stride-4 `low` map of a training crop
+        limit = max_levels(low, low)
+        _check(
+            m.cdm.levels <= limit,
+            "method.cdm.levels",
+            f"{m.cdm.levels} is too deep for the {low}x{low} low-level map of "
+            f"{d.crop_size}px crops: at most {limit} levels",
+        )
     a = m.adversarial
     _check(a.critic_lr > 0, "method.adversarial.critic_lr", "must be > 0")
     _check(a.gradient_penalty >= 0, "method.adversarial.gradient_penalty", "must be >= 0")
