@@ -20,7 +20,20 @@ def needs_teacher(name: str) -> bool:
 
 
 def method_terms(name: str, w: MethodWeights) -> dict[str, float]:
-    """The distillation terms of method `name` with their weights (0 = switched off)."""
+    """The distillation terms of method `name` with their weights (0 = switched off).
+
+    `pi` and `adv` set explicitly (not null) are added to any method, so pixel KD or the
+    adversarial term combine with every other method (e.g. `method.name=cirkd
+    method.weights.adv=0.01`)."""
+    terms = _published_terms(name, w)
+    for key in ("pi", "adv"):
+        value = getattr(w, key)
+        if value is not None and key not in terms:
+            terms[key] = value
+    return terms
+
+
+def _published_terms(name: str, w: MethodWeights) -> dict[str, float]:
 
     def pick(value: float | None, default: float) -> float:
         return default if value is None else value

@@ -62,6 +62,11 @@ def test_explicit_weights_override_the_published_ones():
     assert method_terms("sstkd", w) == {"pi": 2.0, "adv": 0.1, "str": 1.0, "sta": 0.0}
 
 
+def test_explicit_pi_or_adv_combine_with_any_method():
+    w = _cfg("cwd", "method.weights.pi=0.5", "method.weights.adv=0.01").method.weights
+    assert method_terms("cwd", w) == {"cwd_feat": 50.0, "cwd_logit": 3.0, "pi": 0.5, "adv": 0.01}
+
+
 @pytest.mark.parametrize("name", ["kd", "cwd", "skd", "adversarial", "cirkd", "sstkd"])
 def test_every_term_is_reported_and_the_total_is_their_sum(name):
     student, teacher = _models()
