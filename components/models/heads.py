@@ -39,7 +39,13 @@ class AtrousConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        if self.dilation[0] >= h and self.dilation[1] >= w and self.padding_mode == "zeros":
+        same = self.padding == tuple(d * (k // 2) for d, k in zip(self.dilation, self.kernel_size))
+        if (
+            same
+            and self.dilation[0] >= h
+            and self.dilation[1] >= w
+            and self.padding_mode == "zeros"
+        ):
             k = self.kernel_size[0] // 2, self.kernel_size[1] // 2
             centre = self.weight[:, :, k[0] : k[0] + 1, k[1] : k[1] + 1]
             return F.conv2d(x, centre, self.bias, self.stride, 0, 1, self.groups)
