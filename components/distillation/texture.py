@@ -22,6 +22,7 @@ the student with the teacher's levels.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -35,6 +36,7 @@ _GRIDS = (1, 2, 3, 6)
 _IMPORTANCE_FLOOR = 1e-3  # a flat cell's pixels still count, relative to the map's mean energy
 _GAP_EPS = 1e-6  # coincident levels (a constant map) would give a zero hat width
 _MASS_EPS = 1e-6
+_COS_EPS = 1e-8  # a zero feature vector has similarity 0 to everything
 
 
 def _importance(feat: Tensor) -> Tensor:
@@ -61,15 +63,47 @@ def anchor_similarity(feat: Tensor, grids: Sequence[int] = _GRIDS) -> Tensor:
     if not grids or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grids):
         raise ValueError(f"DTIEM grids must be positive integers, got {grids!r}")
     _, _, h, w = feat.shape
-    weight = _importance(feat)
-    rows = torch.arange(h, device=feat.device)
-    cols = torch.arange(w, device=feat.device)
-    sims = []
-    for g in grids:
-        anchors = F.adaptive_avg_pool2d(feat * weight, g) / F.adaptive_avg_pool2d(weight, g)
-        per_pixel = anchors[:, :, rows * g // h][:, :, :, cols * g // w]  # (B,C,H,W)
-        sims.append(F.cosine_similarity(feat, per_pixel, dim=1, eps=1e-8).flatten(1))
-    return torch.stack(sims, dim=1)
+    weight = _importance(feat).flatten(2)  # (B,1,HW)
+    member, owner, segment = _cell_matrices(h, w, tuple(grids), feat.device, feat.dtype)
+    flat = feat.flatten(2)  # (B,C,HW)
+    # All cells of all grids at once (K = Σ g² of them): weighted sums, unit anchors, and every
+    # pixel's dot product with every unit anchor; `owner` keeps the one of its cell per grid.
+    anchors = (flat * weight) @ member / (weight @ member).clamp_min(1e-30)  # (B,C,K)
+    anchors = anchors / anchors.norm(dim=1, keepdim=True).clamp_min(_COS_EPS)
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(_COS_EPS)
+    dots = unit.transpose(1, 2) @ anchors  # (B,HW,K)
+    return ((dots * owner) @ segment).transpose(1, 2)  # (B,G,HW)
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_matrices(
+    h: int, w: int, grids: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The cells of all grids of an h×w map, K = Σ g² of them (grid by grid, row-major):
+    `member` (HW,K) 1 where a pixel lies in a cell — adaptive_avg_pool2d's regions, rows
+    [⌊i·h/g⌋, ⌈(i+1)·h/g⌉), which overlap when g does not divide h; `owner` (HW,K) 1 at the cell
+    (⌊y·g/h⌋, ⌊x·g/w⌋) whose anchor pixel (y, x) takes, one per grid; `segment` (K,G) 1 where a
+    cell belongs to grid k. Pooling and nearest upsampling become matmuls (indexing and its
+    index_put backward are several times slower on CPU)."""
+
+    def axis(n: int, g: int) -> tuple[Tensor, Tensor]:
+        inside = torch.zeros(g, n, dtype=dtype)
+        for i in range(g):
+            inside[i, (i * n) // g : -(-((i + 1) * n) // g)] = 1
+        owned = F.one_hot(torch.arange(n) * g // n, g).to(dtype).T  # (g,n)
+        return inside, owned
+
+    members, owners, segments = [], [], []
+    for k, g in enumerate(grids):
+        in_y, own_y = axis(h, g)
+        in_x, own_x = axis(w, g)
+        members.append(torch.einsum("iy,jx->yxij", in_y, in_x).reshape(h * w, g * g))
+        owners.append(torch.einsum("iy,jx->yxij", own_y, own_x).reshape(h * w, g * g))
+        segments.append(F.one_hot(torch.full((g * g,), k), len(grids)).to(dtype))
+    return tuple(
+        m.to(device).contiguous()
+        for m in (torch.cat(members, 1), torch.cat(owners, 1), torch.cat(segments, 0))
+    )  # type: ignore[return-value]
 
 
 def quantization_levels(s: Tensor, num_levels: int = 16, iterations: int = 3) -> Tensor:
@@ -211,6 +245,8 @@ def statistical_texture_loss(
     with torch.no_grad():
         target = texture_descriptor(teacher.detach(), None, num_levels, iterations, clip)
     pred = texture_descriptor(student, target["levels"], num_levels, iterations, clip)
-    return F.mse_loss(pred["hist"], target["hist"]) + F.mse_loss(
-        pred["level_mean"], target["level_mean"]
-    )
+    # (a − b)².mean() rather than F.mse_loss: the same value, and mse_loss's CPU kernel is
+    # several times slower on these small non-contiguous (einsum output) tensors.
+    return ((pred["hist"] - target["hist"]) ** 2).mean() + (
+        (pred["level_mean"] - target["level_mean"]) ** 2
+    ).mean()
