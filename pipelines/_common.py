@@ -24,7 +24,24 @@ def init_ray() -> None:
     try:
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
     except ConnectionError:
-        ray.init(include_dashboard=False)
+        start_local_ray(include_dashboard=False)
+
+
+def start_local_ray(attempts: int = 3, **kwargs) -> None:
+    """`ray.init(**kwargs)` for a new local instance, tried again when the node times out during
+    start-up: Ray waits a fixed 30 s for its raylet to register, which a loaded 2-core machine
+    can miss (seen in CI-like runs); a second try usually starts in a few seconds."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            print(f"ray start-up timed out (attempt {attempt}/{attempts}); retrying", flush=True)
+            ray.shutdown()
 
 
 def fail(message: str, code: int = 2) -> int:

@@ -14,10 +14,12 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 def ray_session():
     import ray
 
+    from pipelines._common import start_local_ray
+
     if not ray.is_initialized():
         # Two 1-CPU train workers plus one CPU for Ray Data tasks; more logical CPUs only make Ray
         # start more worker processes at once, which thrashes a 2-core machine.
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=True)
+        start_local_ray(num_cpus=3, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

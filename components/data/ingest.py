@@ -7,10 +7,10 @@ Rows are read as encoded bytes (PNG/JPEG), decoded and augmented in `map_batches
 split across workers. Each epoch is one execution of the pipeline.
 
 - **Encoded-row cache.** When a split's shards are small next to the object store
-  (`data.cache_encoded`, default: auto, under 20% of it), the encoded rows are read once and
-  materialized; every epoch then only re-runs decode + augment. Re-listing and re-reading the
-  files each epoch costs tens of seconds on a small machine, which the cache removes; large
-  datasets are streamed from storage every epoch instead.
+  (`data.cache_encoded`, default: auto, under 20% of it), the driver reads the encoded rows once
+  (pyarrow, one block per shard) into the object store; every epoch then only re-runs decode +
+  augment. Re-listing and re-reading the files each epoch costs tens of seconds on a small
+  machine, which the cache removes; large datasets are streamed from storage every epoch.
 - **Shuffle.** Streamed: a different, deterministic file order each epoch
   (`FileShuffleConfig(seed, reseed_after_execution=True)`); cached: the block order is
   re-randomised each epoch the same way (`RandomSeedConfig`). Rows are also permuted inside each
@@ -30,7 +30,7 @@ from ray.data import FileShuffleConfig, RandomSeedConfig
 from ray.train import DataConfig as RayDataConfig
 
 from components.config import DataConfig
-from components.data.shards import DatasetInfo, list_shards, resolve_fs
+from components.data.shards import DatasetInfo, list_shards, read_shard_tables, resolve_fs
 from components.data.transforms import decode_eval_batch, decode_train_batch
 
 READ_COLUMNS = ["id", "image", "mask"]
@@ -54,19 +54,22 @@ def should_cache(data: DataConfig, split_bytes: int) -> bool:
 
 
 def _encoded_rows(root: str, split: str, seed: int | None, cache: bool) -> ray.data.Dataset:
-    shuffle = None
-    if seed is not None and not cache:
-        shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    ds = ray.data.read_parquet(list_shards(root, split), shuffle=shuffle).select_columns(
-        READ_COLUMNS
-    )
     if cache:
-        ds = ds.materialize()
+        # Read here, one block per shard, straight into the object store: no read tasks to
+        # schedule (a `read_parquet(...).materialize()` costs a minute of worker start-ups on a
+        # small machine for a few kB of rows).
+        ds = ray.data.from_arrow(read_shard_tables(root, split, READ_COLUMNS))
         if seed is not None:
             ds = ds.randomize_block_order(
                 seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
             )
-    return ds
+        return ds
+    shuffle = None
+    if seed is not None:
+        shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    return ray.data.read_parquet(list_shards(root, split), shuffle=shuffle).select_columns(
+        READ_COLUMNS
+    )
 
 
 def train_dataset(

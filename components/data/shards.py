@@ -323,8 +323,8 @@ def list_shards(root: str, split: str) -> list[str]:
     return [_join(root, split, n) for n in names]
 
 
-def read_split_table(root: str, split: str, columns: list[str] | None = None) -> pa.Table:
-    """A whole split in memory — for tests and small evaluations, not for training ingest."""
+def read_shard_tables(root: str, split: str, columns: list[str] | None = None) -> list[pa.Table]:
+    """Every shard of a split as its own in-memory table (in shard order)."""
     fs, root_path = resolve_fs(root)
     tables = []
     for shard in list_shards(root, split):
@@ -333,7 +333,12 @@ def read_split_table(root: str, split: str, columns: list[str] | None = None) ->
             tables.append(pq.read_table(path, columns=columns, filesystem=fs))
         except (pa.ArrowException, OSError) as e:
             raise DatasetError(f"{shard}: cannot read shard: {e}") from e
-    return pa.concat_tables(tables)
+    return tables
+
+
+def read_split_table(root: str, split: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole split in memory — for tests and small evaluations, not for training ingest."""
+    return pa.concat_tables(read_shard_tables(root, split, columns))
 
 
 # ----------------------------------------------------------------------------------------------
