@@ -217,11 +217,6 @@ def texture_descriptor(
         raise ValueError(
             f"levels {tuple(levels.shape)} must be (B,G,N) with (B,G) = {tuple(s.shape[:2])}"
         )
-    return _describe(feat, s, levels, clip)
-
-
-def _describe(feat: Tensor, s: Tensor, levels: Tensor, clip: float) -> dict[str, Tensor]:
-    """The descriptor from the similarities s (B,G,HW) and the levels (B,G,N)."""
     e = soft_assignment(s, levels)  # (B,G,HW,N)
     mass = e.sum(dim=-2).clamp_min(_MASS_EPS).unsqueeze(-1)
     level_mean = torch.einsum("bgiq,bci->bgqc", e, feat.flatten(2)) / mass
@@ -247,15 +242,9 @@ def statistical_texture_loss(
     teacher's size when they differ. Returns a float32 scalar, zero when student == teacher.
     """
     student, teacher = match_teacher_size(student_low, teacher_low, "statistical_texture_loss")
-    # Student and teacher go through the module as one batch (half the ops; the cost at these
-    # sizes is per op); the teacher's half is detached and only sets the levels.
-    b = student.shape[0]
-    both = torch.cat([student, teacher.detach()])
-    s = anchor_similarity(both)
-    levels = quantization_levels(s[b:], num_levels, iterations)
-    desc = _describe(both, s, torch.cat([levels, levels]), clip)
-    pred = {k: v[:b] for k, v in desc.items()}
-    target = {k: v[b:].detach() for k, v in desc.items()}
+    with torch.no_grad():
+        target = texture_descriptor(teacher.detach(), None, num_levels, iterations, clip)
+    pred = texture_descriptor(student, target["levels"], num_levels, iterations, clip)
     # (a − b)².mean() rather than F.mse_loss: the same value, and mse_loss's CPU kernel is
     # several times slower on these small non-contiguous (einsum output) tensors.
     return ((pred["hist"] - target["hist"]) ** 2).mean() + (
