@@ -241,6 +241,7 @@ def train_loop_per_worker(config: dict) -> None:
             **_progress_metrics(progress),
             "miou": mean_iou,
             "pixel_acc": pixel_accuracy(confusion),
+            "lr": optimizer.param_groups[0]["lr"],
             **terms_mean,
             "images_per_s": images / max(1e-9, float(counts[4]) / world),
             "data_wait_share": float(counts[3]) / max(1e-9, float(counts[4])),

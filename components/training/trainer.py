@@ -85,7 +85,8 @@ def _exists(root: str) -> bool:
     return (Path(root) / "dataset.json").exists()
 
 
-def _storage(cfg: Config) -> str:
+def storage_of(cfg: Config) -> str:
+    """trainer.storage_path as Ray wants it: a URI as is, a local path made absolute."""
     path = cfg.trainer.storage_path
     return path if "://" in path else os.path.abspath(path)
 
@@ -157,7 +158,8 @@ def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Te
     return Teacher(model=model, state=state, source=path)
 
 
-def _finished_checkpoint(storage: str, name: str, epochs: int) -> Path | None:
+def finished_checkpoint(storage: str, name: str, epochs: int) -> Path | None:
+    """The checkpoint of run `name` that reached `epochs`, if there is one (local storage)."""
     if "://" in storage or not (Path(storage) / name).is_dir():
         return None
     folders = checkpoint_folders(Path(storage) / name)
@@ -196,7 +198,13 @@ def _resources(cfg: Config) -> tuple[bool, dict]:
     return use_gpu, per_worker
 
 
-def build_trainer(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = None):
+def build_trainer(
+    cfg: Config,
+    info: DatasetInfo,
+    name: str,
+    teacher: Teacher | None = None,
+    callbacks: list | None = None,
+):
     use_gpu, per_worker = _resources(cfg)
     loop_config = {
         "cfg": to_dict(cfg),
@@ -218,9 +226,10 @@ def build_trainer(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | 
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=_storage(cfg),
+            storage_path=storage_of(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
+            callbacks=callbacks,
         ),
         datasets=build_datasets(cfg.data, info),
         dataset_config=SegDataConfig(),
@@ -233,7 +242,7 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
     A run that already reached `trainer.epochs` is not started again: its last checkpoint is
     returned (so re-running a finished command prints its results in seconds)."""
     start = time.perf_counter()
-    done = _finished_checkpoint(_storage(cfg), name, cfg.trainer.epochs)
+    done = finished_checkpoint(storage_of(cfg), name, cfg.trainer.epochs)
     if done is not None:
         metrics = read_meta(done).get("metrics", {})
         return Outcome(name, metrics, str(done), time.perf_counter() - start, reused=True)
@@ -242,7 +251,7 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
     metrics = dict(result.metrics or {})
     folder = None
     if checkpoint is not None:
-        folder = checkpoint.path if "://" not in _storage(cfg) else f"{_storage(cfg)}/{name}"
+        folder = checkpoint.path if "://" not in storage_of(cfg) else f"{storage_of(cfg)}/{name}"
         if not metrics:
             metrics = read_meta(folder).get("metrics", {})
     return Outcome(name, metrics, folder, time.perf_counter() - start)
@@ -264,10 +273,12 @@ __all__ = [
     "Teacher",
     "build_trainer",
     "failure_message",
+    "finished_checkpoint",
     "fit",
     "load_teacher",
     "obtain_teacher",
     "prepare_dataset",
     "run_name",
+    "storage_of",
     "teacher_training_config",
 ]

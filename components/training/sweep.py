@@ -1,0 +1,305 @@
+"""Ray Tune around distill's trainer: one trial = one TorchTrainer run (the Train V2 pattern).
+
+    outcome = run_sweep(spec, info, teacher)    # spec from components.tuning.space.load_sweep
+
+Tune runs a small driver function per trial (`_trial`); it builds the trial's distill config from
+the sampled values and fits a TorchTrainer whose `TuneReportCallback` forwards rank 0's per-epoch
+metrics (val `miou`, `epoch`, ...) to Tune, so the scheduler (ASHA by default) can stop poor
+trials after any epoch. Names are deterministic: the sweep's folder is
+`<storage>/<sweep name>/`, each trial's Train run is `runs/train-trial_id=<id>/` in it. Running
+the same command again restores the sweep (`Tuner.restore`): finished trials are kept, unfinished
+ones start again and their Train runs resume from their last checkpoints.
+
+Outputs in the sweep's folder: trials.csv, trials.md, params.png and best.yaml (a complete distill
+config: `python pipelines/distill.py --config best.yaml` runs it as is).
+
+Limits: Tune does not save ASHA's rung records, so after a restore the resumed trials are only
+compared with each other, not with the trials that finished before the interruption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import tune
+
+from components.config import ConfigError, to_yaml
+from components.data.shards import DatasetInfo, resolve_fs
+from components.training.checkpoint import read_meta
+from components.training.trainer import (
+    Teacher,
+    build_trainer,
+    failure_message,
+    finished_checkpoint,
+    storage_of,
+)
+from components.tuning.report import plot_png, rank_rows, to_csv, to_markdown
+from components.tuning.space import Distribution, SweepSpec, identity
+
+
+@dataclass
+class SweepOutcome:
+    path: str  # the sweep's folder
+    rows: list[dict]  # ranked, best first
+    best_yaml: str | None
+    wall_s: float
+
+
+def trial_run_name(trial_id: str) -> str:
+    return f"train-trial_id={trial_id}"
+
+
+def sweep_paths(spec: SweepSpec) -> tuple[str, str]:
+    """(storage, sweep name): the sweep lives in `<storage>/<name>`."""
+    s = spec.settings
+    storage = s.storage_path or spec.base.trainer.storage_path
+    storage = storage_of(
+        dataclasses.replace(
+            spec.base, trainer=dataclasses.replace(spec.base.trainer, storage_path=storage)
+        )
+    )
+    return storage, s.name or "sweep"
+
+
+def check_sweep(spec: SweepSpec) -> int:
+    """Everything about a sweep that can fail before a teacher or a trial is trained: the
+    samplers, the concurrency the cluster allows, and, for a sweep folder that exists, that it
+    holds this same sweep. Returns the concurrency. Raises ConfigError."""
+    for key, dist in spec.search.items():
+        try:
+            to_tune(dist)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{spec.source}: search '{key}': {dist.text()}: {e}") from e
+    limit = concurrency(spec)
+    storage, name = sweep_paths(spec)
+    saved = _read_identity(f"{storage}/{name}")
+    if saved is not None:
+        mine = json.loads(json.dumps(identity(spec)))
+        diff = [k for k in mine if saved.get(k) != mine[k]]
+        if diff:
+            raise ConfigError(
+                f"{storage}/{name} holds a different sweep ({', '.join(diff)} differ); running "
+                "the same command continues a sweep: set another sweep.name for a new one"
+            )
+    return limit
+
+
+def _read_identity(path: str) -> dict | None:
+    fs, p = resolve_fs(f"{path}/{IDENTITY_FILE}")
+    try:
+        with fs.open_input_stream(p) as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+IDENTITY_FILE = "sweep_identity.json"
+
+
+def to_tune(dist: Distribution):
+    """The Ray Tune sampler of a parsed distribution."""
+    a = dist.args
+    match dist.name:
+        case "uniform":
+            return tune.uniform(a[0], a[1])
+        case "loguniform":
+            return tune.loguniform(a[0], a[1])
+        case "quniform":
+            return tune.quniform(a[0], a[1], a[2])
+        case "qloguniform":
+            return tune.qloguniform(a[0], a[1], a[2])
+        case "randint":
+            return tune.randint(a[0], a[1])
+        case "qrandint":
+            return tune.qrandint(a[0], a[1], a[2])
+        case "choice":
+            return tune.choice(list(a[0]))
+        case "grid":
+            return tune.grid_search(list(a[0]))
+    raise ValueError(f"unknown distribution {dist.name}")
+
+
+def trial_resources(spec: SweepSpec) -> tuple[bool, float]:
+    """(uses GPUs, what one trial needs of its bottleneck resource: GPUs, else CPUs)."""
+    t = spec.base.trainer
+    cluster = ray.cluster_resources()
+    use_gpu = t.use_gpu if t.use_gpu is not None else cluster.get("GPU", 0) > 0
+    return use_gpu, float(t.num_workers) * (1.0 if use_gpu else t.cpus_per_worker)
+
+
+def concurrency(spec: SweepSpec) -> int:
+    """Trials at once: as many as the cluster can give all their workers to (each TorchTrainer
+    needs every worker at the same time, while Tune only sees the small driver), at least 1.
+    On CPU a trial also needs one CPU for its Ray Data decode tasks, or it would wait forever."""
+    if spec.settings.max_concurrent_trials is not None:
+        return spec.settings.max_concurrent_trials
+    use_gpu, need = trial_resources(spec)
+    cluster = ray.cluster_resources()
+    have = cluster.get("GPU", 0) if use_gpu else cluster.get("CPU", 0)
+    if not use_gpu:
+        need += 1.0
+    if need > have:
+        raise ConfigError(
+            f"one trial needs {need:g} {'GPU' if use_gpu else 'CPU'}s "
+            f"(trainer.num_workers={spec.base.trainer.num_workers}) but the cluster has {have:g}; "
+            "lower trainer.num_workers or set sweep.max_concurrent_trials on an autoscaling "
+            "cluster"
+        )
+    return max(1, int(have // need))
+
+
+def _trial(config: dict, spec: SweepSpec, info: DatasetInfo, teacher: Teacher | None, runs: str):
+    """One trial: distill with the sampled values; metrics reach Tune through the callback."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    name = trial_run_name(tune.get_context().get_trial_id())
+    cfg = spec.trial_config(config["params"])
+    cfg = dataclasses.replace(
+        cfg, trainer=dataclasses.replace(cfg.trainer, storage_path=runs, name=name)
+    )
+    done = finished_checkpoint(runs, name, cfg.trainer.epochs)
+    if done is not None:  # trained to the end before an interruption: report, do not retrain
+        tune.report({**read_meta(done).get("metrics", {}), "checkpoint_path": str(done)})
+        return
+    build_trainer(cfg, info, name, teacher, callbacks=[TuneReportCallback()]).fit()
+
+
+def _scheduler(spec: SweepSpec):
+    s = spec.settings
+    if s.scheduler == "fifo":
+        return tune.schedulers.FIFOScheduler()
+    return tune.schedulers.ASHAScheduler(
+        time_attr="epoch",  # the run's own epoch: right across resumed Train runs
+        max_t=spec.base.trainer.epochs,
+        grace_period=min(s.grace_period, spec.base.trainer.epochs),
+        reduction_factor=s.reduction_factor,
+    )
+
+
+def _row(result, spec: SweepSpec, statuses: dict[str, str]) -> dict[str, Any]:
+    params = (result.config or {}).get("params", {})
+    trial_id = result.path.rstrip("/").rsplit("trial-", 1)[-1] if result.path else "?"
+    row: dict[str, Any] = {"trial_id": trial_id, **{k: params.get(k) for k in spec.search}}
+    df = result.metrics_dataframe
+    metric, reported = spec.settings.metric, df is not None and len(df) > 0
+    row["score"] = row["best_miou"] = None
+    row["epochs"] = int(df["epoch"].max()) if reported and "epoch" in df else 0
+    if reported and metric in df and df[metric].notna().any():
+        values = df[metric].dropna()
+        row["score"] = float(values.max() if spec.settings.mode == "max" else values.min())
+    if reported and "miou" in df and df["miou"].notna().any():
+        row["best_miou"] = float(df["miou"].max())
+    if result.error is not None:
+        row["status"] = "error"
+        row["error"] = failure_message(result.error)
+    elif statuses.get(trial_id, "TERMINATED") != "TERMINATED":
+        row["status"] = "unfinished"  # the sweep was interrupted; a rerun continues it
+    elif row["score"] is None:
+        row["status"] = "not run"
+    elif row["epochs"] < spec.base.trainer.epochs:
+        row["status"] = "stopped early"
+    else:
+        row["status"] = "done"
+    cp = (result.metrics or {}).get("checkpoint_path")
+    row["checkpoint"] = cp
+    return row
+
+
+def _write(path: str, data: str | bytes) -> None:
+    """Write a file under a local folder or a URI (pyarrow filesystems), atomically when local."""
+    fs, p = resolve_fs(path)
+    blob = data.encode() if isinstance(data, str) else data
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    tmp = p + ".tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(blob)
+    fs.move(tmp, p)
+
+
+def best_config_yaml(spec: SweepSpec, row: dict) -> str:
+    """The winning trial's complete distill config (the teacher it used included)."""
+    cfg = spec.trial_config({k: row[k] for k in spec.search})
+    miou = "n/a" if row.get("best_miou") is None else f"{100 * row['best_miou']:.2f}"
+    header = (
+        f"# Best trial {row['trial_id']} of sweep '{spec.settings.name}' ({spec.source}): "
+        f"best {spec.settings.metric} {row['score']:.6g}, val mIoU {miou}, after "
+        f"{row['epochs']} epoch(s).\n"
+        f"# Run it: python pipelines/distill.py --config best.yaml\n"
+    )
+    return header + to_yaml(cfg)
+
+
+def run_sweep(
+    spec: SweepSpec, info: DatasetInfo, teacher: Teacher | None, log=print
+) -> SweepOutcome:
+    """Run (or continue) the sweep to the end and write its outputs."""
+    start = time.perf_counter()
+    storage, name = sweep_paths(spec)
+    path = f"{storage}/{name}"
+    s = spec.settings
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, spec=spec, info=info, teacher=teacher, runs=f"{path}/runs"),
+        {"CPU": s.driver_cpus},
+    )
+    limit = check_sweep(spec)
+    if tune.Tuner.can_restore(path):
+        log(f"sweep: continuing {path} (finished trials are kept)")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        log(f"sweep: {path}, {s.num_samples} sample(s), at most {limit} trial(s) at once")
+        _write(f"{path}/{IDENTITY_FILE}", json.dumps(identity(spec), indent=1))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"params": {k: to_tune(d) for k, d in spec.search.items()}},
+            tune_config=tune.TuneConfig(
+                metric=s.metric,
+                mode=s.mode,
+                scheduler=_scheduler(spec),
+                num_samples=s.num_samples,
+                # The limit goes to the generator: TuneConfig.max_concurrent_trials is ignored
+                # (with a warning) when a search_alg that is not a Searcher is given.
+                search_alg=tune.search.BasicVariantGenerator(
+                    random_state=s.seed, max_concurrent=limit
+                ),
+                trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    try:  # trial states (private API; without it every trial counts as finished)
+        statuses = {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+    except AttributeError:
+        statuses = {}
+    rows = rank_rows([_row(r, spec, statuses) for r in grid], s.mode)
+    keys = list(spec.search)
+    m = s.metric
+    _write(f"{path}/trials.csv", to_csv(rows, keys, m))
+    _write(f"{path}/trials.md", to_markdown(rows, keys, f"Sweep {name} ({spec.source})", m))
+    _write(f"{path}/params.png", plot_png(rows, spec.search, m))
+    best_yaml = None
+    if rows and rows[0].get("score") is not None and math.isfinite(rows[0]["score"]):
+        best_yaml = f"{path}/best.yaml"
+        _write(best_yaml, best_config_yaml(spec, rows[0]))
+    return SweepOutcome(path, rows, best_yaml, time.perf_counter() - start)
+
+
+__all__ = [
+    "SweepOutcome",
+    "check_sweep",
+    "concurrency",
+    "run_sweep",
+    "sweep_paths",
+    "to_tune",
+    "trial_run_name",
+]
