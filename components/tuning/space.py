@@ -376,8 +376,12 @@ def identity(spec: SweepSpec) -> dict[str, Any]:
     """What makes a sweep this sweep (a rerun must match it to continue): base config, search
     space and the settings that shape the trials."""
     s = spec.settings
+    # Without the teacher checkpoint: tune.py fills it in once the teacher is trained or reused.
+    base = dataclasses.replace(
+        spec.base, teacher=dataclasses.replace(spec.base.teacher, checkpoint=None)
+    )
     return {
-        "base": fingerprint(spec.base),
+        "base": fingerprint(base),
         "search": {k: d.text() for k, d in spec.search.items()},
         "settings": {
             k: getattr(s, k)

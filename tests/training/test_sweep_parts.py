@@ -77,3 +77,27 @@ def test_best_yaml_is_a_complete_config(tmp_path):
     cfg = load_config(["--config", str(path)])
     assert cfg.method.weights.str == 3.5 and cfg.trainer.epochs == 2
     assert "x_00001" in path.read_text().splitlines()[0]
+
+
+def test_rerun_must_be_the_same_sweep(monkeypatch, tmp_path):
+    import json
+
+    from components.tuning.space import identity
+
+    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: {"CPU": 4.0})
+
+    def make(search: str):
+        raw = {
+            "overrides": {"trainer.storage_path": str(tmp_path)},
+            "search": {"method.weights.str": search},
+            "sweep": {"name": "s"},
+        }
+        return build_spec(raw, "t.yaml")
+
+    first = make("loguniform(0.1, 10)")
+    assert sweep.check_sweep(first) == 2  # no folder yet: 4 CPUs // (1 worker + 1 for data)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / sweep.IDENTITY_FILE).write_text(json.dumps(identity(first)))
+    assert sweep.check_sweep(make("loguniform(0.1, 10)")) == 2  # the same sweep continues
+    with pytest.raises(ConfigError, match=r"holds a different sweep \(search differ\)"):
+        sweep.check_sweep(make("loguniform(0.1, 100)"))

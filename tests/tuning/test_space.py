@@ -164,3 +164,22 @@ def test_embedded_default_and_shipped_sweeps_validate():
     ):
         spec = load_sweep(path, cli)
         assert "method.weights.str" in spec.search and "method.dtiem.levels" in spec.search
+
+
+def test_identity_ignores_the_filled_in_teacher_but_not_the_space():
+    import dataclasses
+
+    from components.tuning.space import identity
+
+    spec = spec_of({"method.weights.str": "loguniform(0.1, 10)"})
+    before = identity(spec)
+    spec.base = dataclasses.replace(
+        spec.base, teacher=dataclasses.replace(spec.base.teacher, checkpoint="outputs/teacher-x")
+    )
+    assert identity(spec) == before  # tune.py sets the trained teacher after the first check
+    other = spec_of({"method.weights.str": "loguniform(0.1, 100)"})
+    assert identity(other)["search"] != before["search"]
+    assert (
+        identity(spec_of({"method.weights.str": "loguniform(0.1, 10)"}, {"optim.lr": 0.05}))["base"]
+        != before["base"]
+    )
