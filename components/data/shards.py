@@ -79,7 +79,8 @@ def _join(root: str, *parts: str) -> str:
     return os.path.join(os.path.abspath(os.path.expanduser(root)), *parts)
 
 
-def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` under a temporary name, then move it into place."""
     # On local and POSIX-like filesystems the rename is atomic. On object stores (S3, GCS) the
     # move is a copy+delete, but a completed single PUT is atomic anyway, so the temp name only
     # costs one extra request there.
@@ -186,7 +187,7 @@ class DatasetInfo:
         """Write `<root>/dataset.json` atomically. Writers call this after every split is done."""
         fs, path = resolve_fs(root)
         fs.create_dir(path, recursive=True)
-        _write_atomic(fs, f"{path}/{MANIFEST}", self.to_json().encode("utf-8"))
+        write_atomic(fs, f"{path}/{MANIFEST}", self.to_json().encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ class ShardWriter:
             with contextlib.suppress(OSError):
                 self.fs.delete_file(tmp)
             raise
-        # atomic locally; see _write_atomic for object stores
+        # atomic locally; see write_atomic for object stores
         self.fs.move(tmp, f"{self.dir}/{name}")
         self._shards.append(name)
         self._rows = {col: [] for col in SHARD_SCHEMA.names}

@@ -30,17 +30,18 @@ import ray
 from ray import tune
 
 from components.config import ConfigError, to_yaml
-from components.data.shards import DatasetInfo, resolve_fs
+from components.data.shards import DatasetInfo, resolve_fs, write_atomic
 from components.training.checkpoint import read_meta
 from components.training.trainer import (
     Teacher,
+    absolute_storage,
     build_trainer,
     failure_message,
     finished_checkpoint,
-    storage_of,
 )
+from components.tuning.distributions import Distribution
 from components.tuning.report import plot_png, rank_rows, to_csv, to_markdown
-from components.tuning.space import Distribution, SweepSpec, identity
+from components.tuning.space import SweepSpec, identity
 
 
 @dataclass
@@ -58,13 +59,7 @@ def trial_run_name(trial_id: str) -> str:
 def sweep_paths(spec: SweepSpec) -> tuple[str, str]:
     """(storage, sweep name): the sweep lives in `<storage>/<name>`."""
     s = spec.settings
-    storage = s.storage_path or spec.base.trainer.storage_path
-    storage = storage_of(
-        dataclasses.replace(
-            spec.base, trainer=dataclasses.replace(spec.base.trainer, storage_path=storage)
-        )
-    )
-    return storage, s.name or "sweep"
+    return absolute_storage(s.storage_path or spec.base.trainer.storage_path), s.name or "sweep"
 
 
 def check_sweep(spec: SweepSpec) -> int:
@@ -125,22 +120,16 @@ def to_tune(dist: Distribution):
     raise ValueError(f"unknown distribution {dist.name}")
 
 
-def trial_resources(spec: SweepSpec) -> tuple[bool, float]:
-    """(uses GPUs, what one trial needs of its bottleneck resource: GPUs, else CPUs)."""
-    t = spec.base.trainer
-    cluster = ray.cluster_resources()
-    use_gpu = t.use_gpu if t.use_gpu is not None else cluster.get("GPU", 0) > 0
-    return use_gpu, float(t.num_workers) * (1.0 if use_gpu else t.cpus_per_worker)
-
-
 def concurrency(spec: SweepSpec) -> int:
     """Trials at once: as many as the cluster can give all their workers to (each TorchTrainer
     needs every worker at the same time, while Tune only sees the small driver), at least 1.
     On CPU a trial also needs one CPU for its Ray Data decode tasks, or it would wait forever."""
     if spec.settings.max_concurrent_trials is not None:
         return spec.settings.max_concurrent_trials
-    use_gpu, need = trial_resources(spec)
+    t = spec.base.trainer
     cluster = ray.cluster_resources()
+    use_gpu = t.use_gpu if t.use_gpu is not None else cluster.get("GPU", 0) > 0
+    need = float(t.num_workers) * (1.0 if use_gpu else t.cpus_per_worker)
     have = cluster.get("GPU", 0) if use_gpu else cluster.get("CPU", 0)
     if not use_gpu:
         need += 1.0
@@ -206,20 +195,14 @@ def _row(result, spec: SweepSpec, statuses: dict[str, str]) -> dict[str, Any]:
         row["status"] = "stopped early"
     else:
         row["status"] = "done"
-    cp = (result.metrics or {}).get("checkpoint_path")
-    row["checkpoint"] = cp
     return row
 
 
-def _write(path: str, data: str | bytes) -> None:
-    """Write a file under a local folder or a URI (pyarrow filesystems), atomically when local."""
+def _write(path: str, text: str | bytes) -> None:
+    """Write a file of the sweep's folder (local or a URI), atomically."""
     fs, p = resolve_fs(path)
-    blob = data.encode() if isinstance(data, str) else data
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    tmp = p + ".tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(blob)
-    fs.move(tmp, p)
+    write_atomic(fs, p, text.encode() if isinstance(text, str) else text)
 
 
 def best_config_yaml(spec: SweepSpec, row: dict) -> str:

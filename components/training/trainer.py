@@ -85,10 +85,13 @@ def _exists(root: str) -> bool:
     return (Path(root) / "dataset.json").exists()
 
 
-def storage_of(cfg: Config) -> str:
-    """trainer.storage_path as Ray wants it: a URI as is, a local path made absolute."""
-    path = cfg.trainer.storage_path
+def absolute_storage(path: str) -> str:
+    """A storage path as Ray wants it: a URI as is, a local path made absolute."""
     return path if "://" in path else os.path.abspath(path)
+
+
+def storage_of(cfg: Config) -> str:
+    return absolute_storage(cfg.trainer.storage_path)
 
 
 def run_name(cfg: Config, prefix: str = "distill") -> str:
@@ -271,6 +274,7 @@ def failure_message(error: BaseException) -> str:
 __all__ = [
     "Outcome",
     "Teacher",
+    "absolute_storage",
     "build_trainer",
     "failure_message",
     "finished_checkpoint",

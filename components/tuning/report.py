@@ -12,7 +12,7 @@ import io
 import math
 from typing import Any
 
-from components.tuning.space import Distribution
+from components.tuning.distributions import Distribution
 
 
 def _fixed_columns(metric: str) -> list[str]:

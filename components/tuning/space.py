@@ -19,10 +19,8 @@ no Ray here (the Ray side is components/training/sweep.py).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,21 +36,10 @@ from components.config import (
     _suggest,
     fingerprint,
     merge_config,
-    to_dict,
     validate,
 )
+from components.tuning.distributions import DISTRIBUTIONS, Distribution, parse_distribution
 
-# name -> (number of arguments, what they are); the Ray Tune function of the same name samples it.
-DISTRIBUTIONS = {
-    "uniform": (2, "low, high"),
-    "loguniform": (2, "low, high (both > 0)"),
-    "quniform": (3, "low, high, q"),
-    "qloguniform": (3, "low, high, q"),
-    "randint": (2, "low, high (high exclusive)"),
-    "qrandint": (3, "low, high, q (high inclusive)"),
-    "choice": (1, "[a list of values]"),
-    "grid": (1, "[a list of values, every one tried]"),
-}
 SCHEDULERS = ("asha", "fifo")
 # What the training loop reports each epoch (components/training/loop.py): what a sweep can rank by.
 REPORTED_METRICS = (
@@ -71,85 +58,6 @@ REPORTED_METRICS = (
 )
 # Keys a sweep may not search: they decide what a trial is (its length, resources, name, data).
 NOT_SEARCHABLE = ("trainer.", "data.root", "data.train_split", "data.val_split")
-
-
-@dataclass(frozen=True)
-class Distribution:
-    name: str
-    args: tuple
-
-    def text(self) -> str:
-        return f"{self.name}({', '.join(repr(a) for a in self.args)})"
-
-    @property
-    def log_scale(self) -> bool:
-        return self.name in ("loguniform", "qloguniform")
-
-    def edge_values(self) -> list:
-        """Values the distribution can produce that span it: the bounds, or every choice."""
-        if self.name in ("choice", "grid"):
-            return list(self.args[0])
-        low, high = self.args[0], self.args[1]
-        if self.name == "randint":
-            return [int(low), int(high) - 1]
-        if self.name == "qrandint":
-            q = self.args[2]
-            top = high if q != 1 else high - 1  # Ray: high is exclusive when q == 1
-            return [int(math.ceil(low / q) * q), int(math.floor(top / q) * q)]
-        return [float(low), float(high)]
-
-
-def parse_distribution(key: str, text: Any) -> Distribution:
-    """`"loguniform(0.1, 10)"` -> Distribution; raises ConfigError naming `key`."""
-    where = f"search '{key}'"
-    if not isinstance(text, str):
-        raise ConfigError(
-            f"{where}: expected a distribution such as 'loguniform(0.1, 10)' or "
-            f"'choice([1, 2])', got {text!r} (a fixed value goes under 'overrides:')"
-        )
-    try:
-        node = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError as e:
-        raise ConfigError(f"{where}: cannot parse {text!r}: {e.msg}") from e
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.keywords:
-        raise ConfigError(f"{where}: {text!r} is not of the form name(arguments)")
-    name = node.func.id
-    if name not in DISTRIBUTIONS:
-        raise ConfigError(
-            f"{where}: unknown distribution '{name}' (known: {', '.join(DISTRIBUTIONS)})"
-        )
-    try:
-        args = tuple(ast.literal_eval(a) for a in node.args)
-    except ValueError as e:
-        raise ConfigError(f"{where}: arguments of {text!r} must be literal values") from e
-    count, meaning = DISTRIBUTIONS[name]
-    if len(args) != count:
-        raise ConfigError(f"{where}: {name} takes {count} argument(s) ({meaning}), got {len(args)}")
-    if name in ("choice", "grid"):
-        values = args[0]
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ConfigError(f"{where}: {name} needs a non-empty list, got {values!r}")
-        return Distribution(name, (list(values),))
-    numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-    if len(numbers) != count:
-        raise ConfigError(f"{where}: {name}({meaning}) takes numbers, got {args!r}")
-    low, high = args[0], args[1]
-    if name in ("randint", "qrandint") and not all(isinstance(a, int) for a in args):
-        raise ConfigError(f"{where}: {name} takes integers, got {args!r}")
-    if not low < high:
-        raise ConfigError(f"{where}: {name} needs low < high, got {low} and {high}")
-    if name in ("loguniform", "qloguniform") and low <= 0:
-        raise ConfigError(f"{where}: {name} needs low > 0, got {low}")
-    if count == 3 and args[2] <= 0:
-        raise ConfigError(f"{where}: {name} needs q > 0, got {args[2]}")
-    if name in ("quniform", "qloguniform"):
-        q = args[2]
-        for bound in (low, high):
-            if not math.isclose(bound / q, round(bound / q)):
-                raise ConfigError(
-                    f"{where}: {name} needs bounds that are multiples of q ({q}), got {bound}"
-                )
-    return Distribution(name, args)
 
 
 @dataclass
@@ -176,7 +84,6 @@ class SweepSpec:
     overrides: dict[str, Any]
     search: dict[str, Distribution]
     settings: SweepSettings
-    distill_config: str | None = None
 
     def trial_config(self, params: dict[str, Any]) -> Config:
         """The distill Config of one trial: the base with `params` (dotted keys) set."""
@@ -310,7 +217,7 @@ def build_spec(
         settings.name = default_name
     _check_settings(settings, source)
 
-    spec = SweepSpec(source, base, dict(overrides), search, settings, distill_path)
+    spec = SweepSpec(source, base, dict(overrides), search, settings)
     _check_space(spec)
     return spec
 
@@ -398,12 +305,6 @@ def identity(spec: SweepSpec) -> dict[str, Any]:
     }
 
 
-def flat_params(cfg: Config, keys: list[str]) -> dict[str, Any]:
-    """The values of dotted `keys` in `cfg`."""
-    d = OmegaConf.create(to_dict(cfg))
-    return {k: OmegaConf.select(d, k) for k in keys}
-
-
 __all__ = [
     "DEFAULT_SWEEP",
     "DISTRIBUTIONS",
@@ -411,7 +312,6 @@ __all__ = [
     "SweepSettings",
     "SweepSpec",
     "build_spec",
-    "flat_params",
     "identity",
     "load_sweep",
     "parse_distribution",
