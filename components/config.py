@@ -179,6 +179,9 @@ class TrainerConfig:
     name: str | None = None  # None: derived from the config, so the same command resumes
     num_to_keep: int = 2
     max_failures: int = 0  # worker-group restarts from the last checkpoint within one run
+    # A cluster without an autoscaler that is too small for the run: seconds to wait for nodes to
+    # join before failing with the numbers (an autoscaling cluster is checked against its maximum).
+    resource_wait_s: float = 60.0
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     channels_last: bool = True  # on GPU
     log_every: int = 10  # steps between logged step metrics
@@ -336,6 +339,7 @@ def validate(cfg: Config) -> None:
     _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.num_to_keep >= 1, "trainer.num_to_keep", "must be >= 1")
     _check(t.max_failures >= -1, "trainer.max_failures", "must be >= -1")
+    _check(t.resource_wait_s >= 0, "trainer.resource_wait_s", "must be >= 0")
     _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
     if t.name is not None:
         _check(t.name != "" and "/" not in t.name, "trainer.name", "must be a plain folder name")

@@ -37,15 +37,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from components.data.shards import DatasetError
     from components.training.checkpoint import CheckpointError
+    from components.training.storage import check_writable, join
     from components.training.trainer import (
         failure_message,
         fit,
         obtain_teacher,
         prepare_dataset,
         run_name,
+        storage_of,
     )
 
     start = time.perf_counter()
+    try:
+        check_writable(storage_of(cfg))  # before Ray starts or anything is trained
+    except ConfigError as e:
+        return fail(str(e))
     init_ray()
     try:
         info = prepare_dataset(cfg)
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("student images/s", f"{m.get('images_per_s', float('nan')):.1f} (last epoch)"),
         ("data wait share", f"{100 * m.get('data_wait_share', float('nan')):.1f}% of step time"),
+        ("run folder", join(storage_of(cfg), name)),
         ("checkpoint", str(outcome.checkpoint_dir)),
     ]
     print("\n" + summary_table(rows), flush=True)

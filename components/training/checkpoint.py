@@ -110,7 +110,12 @@ def checkpoint_folders(run_dir: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from: the folder itself, a file inside it, or a run folder (latest)."""
+    """A checkpoint folder from: the folder itself, a file inside it, or a run folder (latest).
+    A URI (s3://, gs://, file://...) is looked up there and copied to a local cache first."""
+    if "://" in str(path):
+        from components.training.storage import fetch_checkpoint  # storage imports this module
+
+        return fetch_checkpoint(str(path))
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")

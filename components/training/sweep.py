@@ -26,18 +26,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray import tune
 
 from components.config import ConfigError, to_yaml
 from components.data.shards import DatasetInfo, resolve_fs, write_atomic
 from components.training.checkpoint import read_meta
+from components.training.resources import cluster_capacity, run_request
+from components.training.storage import check_writable
 from components.training.trainer import (
     Teacher,
     absolute_storage,
     build_trainer,
     failure_message,
     finished_checkpoint,
+    storage_of,
 )
 from components.tuning.distributions import Distribution
 from components.tuning.report import plot_png, rank_rows, to_csv, to_markdown
@@ -73,6 +75,9 @@ def check_sweep(spec: SweepSpec) -> int:
             raise ConfigError(f"{spec.source}: search '{key}': {dist.text()}: {e}") from e
     limit = concurrency(spec)
     storage, name = sweep_paths(spec)
+    check_writable(storage, key="sweep.storage_path")
+    if storage_of(spec.base) != storage:  # where the teacher is trained and cached
+        check_writable(storage_of(spec.base))
     saved = _read_identity(f"{storage}/{name}")
     if saved is not None:
         mine = json.loads(json.dumps(identity(spec)))
@@ -126,16 +131,13 @@ def concurrency(spec: SweepSpec) -> int:
     On CPU a trial also needs one CPU for its Ray Data decode tasks, or it would wait forever."""
     if spec.settings.max_concurrent_trials is not None:
         return spec.settings.max_concurrent_trials
-    t = spec.base.trainer
-    cluster = ray.cluster_resources()
-    use_gpu = t.use_gpu if t.use_gpu is not None else cluster.get("GPU", 0) > 0
-    need = float(t.num_workers) * (1.0 if use_gpu else t.cpus_per_worker)
-    have = cluster.get("GPU", 0) if use_gpu else cluster.get("CPU", 0)
-    if not use_gpu:
-        need += 1.0
+    cluster = cluster_capacity()  # an autoscaling cluster's maximum, else what it has now
+    request = run_request(spec.base.trainer, cluster.get("GPU", 0) > 0)
+    kind = "GPU" if request.use_gpu else "CPU"
+    need, have = request.totals[kind], cluster.get(kind, 0)
     if need > have:
         raise ConfigError(
-            f"one trial needs {need:g} {'GPU' if use_gpu else 'CPU'}s "
+            f"one trial needs {need:g} {kind}s "
             f"(trainer.num_workers={spec.base.trainer.num_workers}) but the cluster has {have:g}; "
             "lower trainer.num_workers or set sweep.max_concurrent_trials on an autoscaling "
             "cluster"

@@ -44,6 +44,13 @@ from components.training.checkpoint import (
     resolve_checkpoint,
 )
 from components.training.loop import train_loop_per_worker
+from components.training.resources import (
+    Request,
+    cluster_capacity,
+    run_request,
+    wait_for_resources,
+)
+from components.training.storage import finished_uri_checkpoint, is_uri, join
 
 
 @dataclass
@@ -140,15 +147,15 @@ def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Te
     """A teacher from a checkpoint folder / run folder / model.pt of ours, or a bare state_dict
     file (then `teacher.model` describes the architecture)."""
     p = Path(path)
-    if p.is_file() and not (p.parent / "meta.json").is_file():
+    if not is_uri(path) and p.is_file() and not (p.parent / "meta.json").is_file():
         state = load_torch_file(p)
         state = state.get("state_dict", state.get("model", state))
         model = fallback_model
     else:
-        folder = resolve_checkpoint(p)
+        folder = resolve_checkpoint(path)  # a URI is fetched into a local cache
         state, meta = load_model_state(folder)
         model = from_dict({"model": meta["model"]}).model
-        path = str(folder)
+        path = path if is_uri(path) else str(folder)
     _check_teacher_classes(state, num_classes, path)
     try:
         build_model(model, num_classes).load_state_dict(state)
@@ -162,8 +169,11 @@ def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Te
 
 
 def finished_checkpoint(storage: str, name: str, epochs: int) -> Path | None:
-    """The checkpoint of run `name` that reached `epochs`, if there is one (local storage)."""
-    if "://" in storage or not (Path(storage) / name).is_dir():
+    """The checkpoint of run `name` that reached `epochs`, if there is one (a local copy when
+    the storage is a URI)."""
+    if is_uri(storage):
+        return finished_uri_checkpoint(storage, name, epochs)
+    if not (Path(storage) / name).is_dir():
         return None
     folders = checkpoint_folders(Path(storage) / name)
     for folder in reversed(folders):
@@ -185,20 +195,19 @@ def obtain_teacher(cfg: Config, info: DatasetInfo, log=print) -> Teacher | None:
     outcome = fit(tcfg, info, name)
     if outcome.checkpoint_dir is None:
         raise CheckpointError(f"teacher run {name} finished without a checkpoint")
+    # On URI storage the run folder's URI (its latest checkpoint, fetched into the local cache)
+    # is what the teacher's source reads, so a sweep's best.yaml names it rather than the cache.
+    storage = storage_of(tcfg)
+    source = join(storage, name) if is_uri(storage) else outcome.checkpoint_dir
     if outcome.reused:
-        log(f"teacher: reusing {outcome.checkpoint_dir}")
-    return load_teacher(outcome.checkpoint_dir, cfg.teacher.model, info.num_classes)
+        log(f"teacher: reusing {source}")
+    return load_teacher(source, cfg.teacher.model, info.num_classes)
 
 
-def _resources(cfg: Config) -> tuple[bool, dict]:
-    """GPU use and per-worker resources from the config and what the cluster has."""
-    t = cfg.trainer
-    cluster = ray.cluster_resources()
-    use_gpu = t.use_gpu if t.use_gpu is not None else cluster.get("GPU", 0) > 0
-    per_worker = {"CPU": t.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = 1
-    return use_gpu, per_worker
+def _request(cfg: Config) -> Request:
+    """GPU use and per-worker resources from the config and what the cluster has (or, when it
+    autoscales, can have: a GPU cluster may start with no GPU node)."""
+    return run_request(cfg.trainer, cluster_capacity().get("GPU", 0) > 0)
 
 
 def build_trainer(
@@ -208,7 +217,7 @@ def build_trainer(
     teacher: Teacher | None = None,
     callbacks: list | None = None,
 ):
-    use_gpu, per_worker = _resources(cfg)
+    request = _request(cfg)
     loop_config = {
         "cfg": to_dict(cfg),
         "num_classes": info.num_classes,
@@ -225,7 +234,9 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.trainer.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=request.num_workers,
+            use_gpu=request.use_gpu,
+            resources_per_worker=request.per_worker,
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -249,12 +260,16 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
     if done is not None:
         metrics = read_meta(done).get("metrics", {})
         return Outcome(name, metrics, str(done), time.perf_counter() - start, reused=True)
+    wait_for_resources(_request(cfg), cfg.trainer.resource_wait_s)
     result = build_trainer(cfg, info, name, teacher).fit()
     checkpoint = result.checkpoint
     metrics = dict(result.metrics or {})
     folder = None
     if checkpoint is not None:
-        folder = checkpoint.path if "://" not in storage_of(cfg) else f"{storage_of(cfg)}/{name}"
+        storage = storage_of(cfg)
+        folder = (
+            str(resolve_checkpoint(join(storage, name))) if is_uri(storage) else checkpoint.path
+        )
         if not metrics:
             metrics = read_meta(folder).get("metrics", {})
     return Outcome(name, metrics, folder, time.perf_counter() - start)

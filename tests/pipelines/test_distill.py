@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,33 @@ def test_resume_continues_with_full_state(ray_session, tiny_data, tiny_overrides
 def test_unknown_key_fails_before_work(tmp_path, capsys):
     assert distill.main(["trainer.epochz=3"]) == 2
     assert "trainer.epochz" in capsys.readouterr().err
+
+
+def test_unwritable_storage_fails_before_ray(tiny_data, tiny_overrides, tmp_path, capsys):
+    import ray
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    was_running = ray.is_initialized()
+    assert distill.main(tiny_overrides(tiny_data, f"file://{blocker}/runs")) == 2
+    err = capsys.readouterr().err
+    assert f"trainer.storage_path 'file://{blocker}/runs': not writable" in err
+    assert ray.is_initialized() == was_running  # failed before Ray was started or joined
+
+
+def test_run_bigger_than_the_cluster_fails_with_numbers(
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+):
+    # 3 workers x 1 CPU + 1 CPU for Ray Data on the session's 3-CPU instance (no autoscaler):
+    # Ray Train alone would wait for the placement group for ever.
+    extra = {"method.name": "none", "trainer.num_workers": "3", "trainer.resource_wait_s": "2"}
+    start = time.monotonic()
+    assert distill.main(tiny_overrides(tiny_data, str(tmp_path / "out"), **extra)) == 2
+    err = capsys.readouterr().err
+    assert "the run needs 4 CPU (trainer.num_workers=3 x (1 CPU) + 1 CPU for Ray Data)" in err
+    assert "the cluster has 3 CPU (waited 2 s" in err
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("meta.json"))
 
 
 def test_missing_shard_folder_named(ray_session, tiny_data, tiny_overrides, tmp_path, capsys):

@@ -46,12 +46,12 @@ def test_to_tune_maps_each_distribution():
     ],
 )
 def test_concurrency_follows_the_cluster(monkeypatch, cluster, trainer, expected):
-    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: cluster)
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: cluster)
     assert sweep.concurrency(_spec(**trainer)) == expected
 
 
 def test_trial_larger_than_cluster_named(monkeypatch):
-    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 4.0})
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: {"CPU": 32.0, "GPU": 4.0})
     with pytest.raises(ConfigError, match=r"one trial needs 8 GPUs .*num_workers=8.* has 4"):
         sweep.concurrency(_spec(num_workers=8))
 
@@ -84,7 +84,7 @@ def test_rerun_must_be_the_same_sweep(monkeypatch, tmp_path):
 
     from components.tuning.space import identity
 
-    monkeypatch.setattr(sweep.ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: {"CPU": 4.0})
 
     def make(search: str):
         raw = {

@@ -1,0 +1,143 @@
+"""`ray job submit` for real: a head started with `ray start --head` on loopback, the working dir
+uploaded as users do it, a tiny distillation job whose checkpoint lands in a `file://` URI
+storage path. Only this head is stopped (by its process session), never the test session's Ray
+or anything else on the machine. (A run too big for the cluster is tested in test_distill.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_members(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields 3 and 6 of /proc/PID/stat: the state (Z: exited, not yet reaped) and session
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _stop_session(sid: int) -> list[int]:
+    """SIGTERM, then SIGKILL, every process of the head's session; returns any survivors."""
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+        for pid in _session_members(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while _session_members(sid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return _session_members(sid)
+
+
+@pytest.fixture(scope="module")
+def head():
+    # A short folder: Ray's unix socket paths must stay under ~107 characters.
+    tmp = Path(tempfile.mkdtemp(prefix="sdj-", dir="/tmp"))
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # Token authentication, as a head should run: the job CLI sends this token.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    dashboard = _free_port()
+    command = [
+        RAY, "start", "--head", "--block", "--disable-usage-stats",
+        f"--port={_free_port()}",
+        f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        "--num-cpus=2",
+        f"--temp-dir={tmp}/ray",
+    ]  # fmt: skip
+    with open(tmp / "head.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited {proc.returncode}:\n{_tail(tmp / 'head.log')}")
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=5)
+                break
+            except OSError as e:  # refused while starting; 401 once up without a token
+                if getattr(e, "code", None) == 401:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"no dashboard at {address} after 240 s:\n{_tail(tmp / 'head.log')}")
+            time.sleep(2)
+        yield {"address": address, "env": env, "tmp": tmp}
+    finally:
+        survivors = _stop_session(proc.pid)
+        proc.wait(timeout=30)  # reap `ray start` itself
+        assert not survivors, f"head processes survived: {survivors}"
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _submit(head, job_id: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    runtime_env = {"env_vars": {"SEGDISTILL_CACHE": str(head["tmp"] / "cache")}}
+    command = [
+        RAY, "job", "submit", "--address", head["address"], "--submission-id", job_id,
+        "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env),
+        "--", sys.executable, "pipelines/distill.py", *args,
+    ]  # fmt: skip
+    return subprocess.run(command, check=False, capture_output=True, text=True,
+                          env=head["env"], timeout=timeout, cwd=ROOT)  # fmt: skip
+
+
+def _status(head, job_id: str) -> str:
+    out = subprocess.run(
+        [RAY, "job", "status", "--address", head["address"], job_id],
+        check=False, capture_output=True, text=True, env=head["env"], timeout=120,
+    )  # fmt: skip
+    return out.stdout + out.stderr
+
+
+def test_distill_job_writes_checkpoint_to_storage_uri(head, tiny_data, tiny_overrides):
+    runs = head["tmp"] / "runs"
+    args = tiny_overrides(tiny_data, f"file://{runs}", **{"method.name": "none"})
+    out = _submit(head, "segdistill-tiny", args, timeout=1500)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-6000:]
+    assert "Job 'segdistill-tiny' succeeded" in _status(head, "segdistill-tiny")
+    metas = sorted(runs.glob("distill-none-*/*/meta.json"))
+    assert len(metas) == 1, list(runs.rglob("*"))
+    meta = json.loads(metas[0].read_text())
+    assert meta["progress"]["epoch"] == 1
+    assert 0.0 <= meta["metrics"]["miou"] <= 1.0
+    assert f"mIoU {100 * meta['metrics']['miou']:.2f}" in text  # the job printed the same run
