@@ -2,9 +2,18 @@
 
     python pipelines/prepare_data.py synthetic --out data/synthetic
     python pipelines/prepare_data.py synthetic --out data/synth128 --size 128 --num-train 2000
+    python pipelines/prepare_data.py cityscapes --root /data/cityscapes --out data/cityscapes
+    python pipelines/prepare_data.py voc --root /data/VOCdevkit/.. --out s3://bucket/shards/voc
+    python pipelines/prepare_data.py ade20k --root /data/ADEChallengeData2016 --out data/ade20k
+    python pipelines/prepare_data.py coco --root /data/coco2014 --out data/coco
+    python pipelines/prepare_data.py voc --root ... --out data/voc_1464 --labeled-from train_aug \
+        --labeled 1464 --seed 0                     # semi-supervised: labeled + unlabeled/ splits
+    python pipelines/prepare_data.py verify --out data/cityscapes
 
-Writes `<out>/{train,val[,unlabeled]}/part-NNNNN.parquet` and `<out>/dataset.json` (last). An
-existing complete dataset at `--out` is left as it is.
+Writes `<out>/<split>/part-NNNNN.parquet` and `<out>/dataset.json` (last). Real datasets are
+converted in parallel (`--workers`), resumably (finished shards are kept; run the same command
+again after an interruption), and bad files are skipped and listed; the command fails when more
+than `--max-bad-fraction` of the items are bad. A complete synthetic dataset is left as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +24,26 @@ import time
 
 if __package__ in (None, ""):
     import _common  # noqa: F401  (puts the project root on sys.path)
+
+
+def _real_parser(sub, name: str, help: str):
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--root", required=True, help="the dataset folder as distributed")
+    p.add_argument("--out", required=True, help="output folder or URI (s3://, gs://, ...)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--shard-rows", type=int, default=500, help="rows per parquet shard")
+    p.add_argument("--max-bad-fraction", type=float, default=0.0,
+                   help="fail (and write no dataset.json) above this share of bad items")  # fmt: skip
+    p.add_argument("--labeled", default=None,
+                   help="semi-supervised: a count or a file of ids; the rest of the split "
+                        "becomes unlabeled/")  # fmt: skip
+    p.add_argument("--labeled-from", default="train", help="the split to divide (default train)")
+    p.add_argument("--seed", type=int, default=0, help="for --labeled COUNT")
+    p.add_argument("--verify", action="store_true", help="re-read and check the result")
+    if name == "cityscapes":
+        p.add_argument("--splits", default="train,val",
+                       help="comma-separated; `test` is written without masks")  # fmt: skip
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--size", type=int, default=defaults.size)
     syn.add_argument("--num-classes", type=int, default=defaults.num_classes)
     syn.add_argument("--seed", type=int, default=defaults.seed)
+    _real_parser(sub, "cityscapes", "Cityscapes (leftImg8bit + gtFine), 19 train ids")
+    _real_parser(sub, "voc", "Pascal VOC 2012 (+ SegmentationClassAug), 21 classes")
+    _real_parser(sub, "ade20k", "ADE20K SceneParsing (ADEChallengeData2016), 150 classes")
+    _real_parser(sub, "coco", "COCO 2014 instances rasterised to 81 classes")
+    ver = sub.add_parser("verify", help="re-read a converted dataset and check it")
+    ver.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
+    from pipelines._common import fail
+
+    if args.dataset == "synthetic":
+        return _synthetic(args)
+    if args.dataset == "verify":
+        return _verify(args.out)
+    return _real(args, fail)
+
+
+def _synthetic(args) -> int:
+    from components.config import SyntheticConfig
     from components.data.synthetic import ensure_synthetic
     from pipelines._common import fail
 
@@ -55,6 +101,74 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.out}: {info.name}, {info.num_classes} classes, {counts} "
         f"({time.perf_counter() - start:.1f} s)"
     )
+    return 0
+
+
+def _real(args, fail) -> int:
+    import pyarrow as pa
+
+    from components.data.convert import bad_summary, convert, labeled_subset
+    from components.data.shards import DatasetError
+    from components.data.sources import SOURCES
+
+    if args.shard_rows < 1 or not 0 <= args.max_bad_fraction <= 1:
+        return fail("need --shard-rows >= 1 and 0 <= --max-bad-fraction <= 1")
+    kwargs = {}
+    if args.dataset == "cityscapes":
+        kwargs["include_splits"] = tuple(s for s in args.splits.split(",") if s)
+    source = SOURCES[args.dataset](args.root, **kwargs)
+    start = time.perf_counter()
+    try:
+        splits = source.splits()
+        if args.labeled is not None:
+            if args.labeled_from not in splits:
+                return fail(f"--labeled-from {args.labeled_from}: the splits are {sorted(splits)}")
+            pool = splits.pop(args.labeled_from)
+            splits["train"], splits["unlabeled"] = labeled_subset(pool, args.labeled, args.seed)
+        report = convert(
+            source,
+            args.out,
+            workers=args.workers,
+            shard_rows=args.shard_rows,
+            max_bad_fraction=args.max_bad_fraction,
+            splits=splits,
+        )
+    except DatasetError as e:
+        return fail(str(e))
+    except (OSError, pa.ArrowException) as e:  # writing the output failed
+        return fail(f"{args.out}: cannot write the dataset: {e}")
+    counts = ", ".join(f"{k} {v}" for k, v in report.rows.items())
+    if report.bad:
+        print(bad_summary(report), file=sys.stderr)
+    print(
+        f"{args.out}: {source.name}, {len(source.class_names)} classes, {counts}; "
+        f"{report.written_chunks} shards written, {report.skipped_chunks} kept from before "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+    if not report.ok:
+        return fail(
+            f"{len(report.bad)} of {report.items} items bad ({100 * report.bad_fraction:.2f}% > "
+            f"--max-bad-fraction {100 * args.max_bad_fraction:g}%) or a split is empty: "
+            "no dataset.json written; fix the files (or raise the fraction) and run again",
+            code=1,
+        )
+    return _verify(args.out) if args.verify else 0
+
+
+def _verify(out: str) -> int:
+    from components.data.convert import verify
+    from components.data.shards import DatasetError
+    from pipelines._common import fail
+
+    try:
+        problems = verify(out)
+    except DatasetError as e:
+        return fail(str(e))
+    for p in problems[:50]:
+        print(f"  {p}", file=sys.stderr)
+    if problems:
+        return fail(f"{out}: {len(problems)} problems found", code=1)
+    print(f"{out}: verified")
     return 0
 
 

@@ -67,6 +67,21 @@ def test_unanswered_storage_fails_in_bounded_time(monkeypatch):
     assert time.monotonic() - start < 2
 
 
+def test_unreachable_object_store_is_named_in_bounded_time(monkeypatch):
+    # A real S3 client against a closed local port: it retries for longer than the check waits.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    uri = "s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        storage.check_writable(uri, timeout_s=5)
+    assert time.monotonic() - start < 30
+    text = str(e.value)
+    assert text.startswith(f"trainer.storage_path '{uri}': ")
+    assert "no answer within 5 s" in text or "not writable" in text
+
+
 def test_join_keeps_the_query():
     assert storage.join("s3://b/runs?endpoint_override=h:9000", "r1") == (
         "s3://b/runs/r1?endpoint_override=h:9000"
