@@ -7,9 +7,10 @@
 How it works:
 - Each split's items are sorted by id and cut into fixed chunks of `shard_rows`; chunk k becomes
   `<split>/part-k.parquet`. A process pool converts chunks in parallel.
-- A chunk is done when `<out>/_progress/<split>/part-k.json` exists and names the same item ids
-  (by hash). It is written after its shard (both atomically), so a rerun skips finished chunks
-  and redoes the rest; an interrupted run never leaves a shard that looks finished but is not.
+- A chunk is done when `<out>/_progress/<split>/part-k.json` exists, names the same item ids
+  (by hash) and lists no bad files (those chunks are retried: the files may have been fixed).
+  The record is written after its shard (both atomically), so a rerun skips finished chunks and
+  redoes the rest; an interrupted run never leaves a shard that looks finished but is not.
 - Bad files (missing, undecodable, image/mask size mismatch, label ids outside the dataset's
   set) are skipped and listed with their reason in the progress record and the final summary.
 - `dataset.json` is removed when a conversion starts work and written last, only when every
@@ -220,6 +221,8 @@ def _convert_chunk(source: Source, root: str, chunk: Chunk) -> dict:
         buf = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pydict(rows, schema=SHARD_SCHEMA), buf, row_group_size=64)
         write_atomic(fs, f"{folder}/{chunk.name}", buf.getvalue().to_pybytes())
+    elif fs.get_file_info(f"{folder}/{chunk.name}").type == pafs.FileType.File:
+        fs.delete_file(f"{folder}/{chunk.name}")  # an earlier run's rows: readers take every shard
     record = {
         "digest": chunk.digest,
         "rows": len(rows["id"]),
@@ -298,24 +301,32 @@ def convert(
     for split, chunks in plan.items():
         for c in chunks:
             rec = _read_record(fs, f"{path}/{PROGRESS}/{split}/{c.name}.json")
-            shard_ok = rec is not None and (
-                rec["shard"] is None
-                or fs.get_file_info(f"{path}/{split}/{rec['shard']}").type == pafs.FileType.File
-            )
-            if rec is not None and rec.get("digest") == c.digest and shard_ok:
+            # the record's shard must exist, or (a chunk with no usable rows) must not
+            has_shard = fs.get_file_info(f"{path}/{split}/{c.name}").type == pafs.FileType.File
+            if (
+                rec is not None
+                and rec.get("digest") == c.digest
+                and has_shard == (rec.get("shard") is not None)
+                and not rec.get("bad")  # a chunk with bad files is retried: they may be fixed
+            ):
                 records[(split, c.index)] = rec
                 report.skipped_chunks += 1
             else:
                 todo.append(c)
-        _remove_stale(fs, f"{path}/{split}", f"{path}/{PROGRESS}/{split}", len(chunks))
-
-    if todo:
+    stale = [
+        p
+        for split, chunks in plan.items()
+        for p in _stale(fs, f"{path}/{split}", f"{path}/{PROGRESS}/{split}", len(chunks))
+    ]
+    if todo or stale:
         # From here until the end the folder is being changed: it must not read as complete.
         if fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File:
             fs.delete_file(f"{path}/{MANIFEST}")
-        if report.skipped_chunks:
-            log(f"resuming: {report.skipped_chunks} of {report.skipped_chunks + len(todo)} "
-                "shards already done")  # fmt: skip
+        for p in stale:
+            fs.delete_file(p)
+    if todo and report.skipped_chunks:
+        log(f"resuming: {report.skipped_chunks} of {report.skipped_chunks + len(todo)} "
+            "shards already done")  # fmt: skip
     bar = _Progress(f"{source.name}", len(todo))
     done = rows = bad = 0
     workers = min(max(1, workers or (os.cpu_count() or 1)), max(1, len(todo)))
@@ -367,15 +378,17 @@ def convert(
     return report
 
 
-def _remove_stale(fs: pafs.FileSystem, folder: str, progress: str, chunks: int) -> None:
+def _stale(fs: pafs.FileSystem, folder: str, progress: str, chunks: int) -> list[str]:
     """Shards and records numbered beyond this plan (left by a run with other settings)."""
+    found = []
     for base, pattern in ((folder, SHARD_PATTERN), (progress, "part-*.parquet.json")):
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             continue
         for info in fs.get_file_info(pafs.FileSelector(base)):
             name = info.base_name
             if fnmatch(name, pattern) and int(name[5:10]) >= chunks:
-                fs.delete_file(info.path)
+                found.append(info.path)
+    return found
 
 
 def bad_summary(report: Report, limit: int = 50) -> str:

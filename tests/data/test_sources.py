@@ -153,6 +153,17 @@ def test_conversion_resumes_and_never_looks_complete_early(tmp_path):
     assert (again.written_chunks, again.skipped_chunks) == (1, 2)
     assert _rows(out, "train") == before
 
+    # A file that breaks between runs: its chunk is redone, and a chunk left with no usable
+    # rows must not keep its earlier shard (readers take every part-*.parquet).
+    broken = tmp_path / "cs" / "leftImg8bit" / "val" / "frankfurt"
+    (broken / "frankfurt_000000_000294_leftImg8bit.png").write_bytes(b"not a png")
+    (out / "_progress" / "val" / "part-00000.parquet.json").unlink()
+    partial = convert(source, str(out), workers=1, shard_rows=1)
+    assert not partial.ok and not (out / "val" / "part-00000.parquet").exists()
+    assert not (out / "dataset.json").exists()
+    _cityscapes(tmp_path / "cs")  # repaired
+    assert convert(source, str(out), workers=1, shard_rows=1).ok
+
     # Other shard sizes: train's chunk differs (val's single item does not), and the stale
     # higher-numbered train shard is removed.
     third = convert(source, str(out), workers=1, shard_rows=2)
