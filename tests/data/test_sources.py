@@ -416,6 +416,14 @@ def test_verify_catches_a_wrong_row_count(tmp_path, capsys):
     assert "train: 2 rows, dataset.json says 5" in capsys.readouterr().err
 
 
+def test_synthetic_cli_output_verifies(tmp_path, capsys):
+    out = str(tmp_path / "syn")
+    assert prepare_data.main(["synthetic", "--out", out, "--num-train", "6", "--num-val", "3",
+                              "--size", "32"]) == 0  # fmt: skip
+    assert prepare_data.main(["verify", "--out", out]) == 0
+    assert f"{out}: verified" in capsys.readouterr().out
+
+
 def test_png_fixture_helper_really_writes_palette_pngs(tmp_path):
     _png(np.array([[0, 15]], np.uint8), tmp_path / "m.png", palette=VOC_PALETTE)
     img = Image.open(tmp_path / "m.png")
