@@ -116,8 +116,16 @@ def _submit(head, job_id: str, args: list[str], timeout: float) -> subprocess.Co
         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env),
         "--", sys.executable, "pipelines/distill.py", *args,
     ]  # fmt: skip
-    return subprocess.run(command, check=False, capture_output=True, text=True,
-                          env=head["env"], timeout=timeout, cwd=ROOT)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while True:
+        out = subprocess.run(command, check=False, capture_output=True, text=True,
+                             env=head["env"], timeout=timeout, cwd=ROOT)  # fmt: skip
+        # The dashboard answers before the head's job agent has registered; Ray says to retry.
+        if "No available agent to submit job" not in out.stderr + out.stdout:
+            return out
+        if time.monotonic() > deadline:
+            return out
+        time.sleep(10)
 
 
 def _status(head, job_id: str) -> str:
