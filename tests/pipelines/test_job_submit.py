@@ -97,6 +97,13 @@ def head():
             if time.monotonic() > deadline:
                 pytest.fail(f"no dashboard at {address} after 240 s:\n{_tail(tmp / 'head.log')}")
             time.sleep(2)
+        # The job API itself (a separate dashboard module) must answer too.
+        deadline = time.monotonic() + 240
+        while subprocess.run([RAY, "job", "list", "--address", address], check=False,
+                             capture_output=True, env=env, timeout=120).returncode != 0:  # fmt: skip
+            if time.monotonic() > deadline:
+                pytest.fail(f"the job API at {address} never answered:\n{_tail(tmp / 'head.log')}")
+            time.sleep(5)
         yield {"address": address, "env": env, "tmp": tmp}
     finally:
         survivors = _stop_session(proc.pid)
@@ -109,23 +116,34 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _submit(head, job_id: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+TRANSIENT = (  # a head that is still starting: the dashboard answers before its job agent
+    "No available agent to submit job",
+    "Connection aborted",
+    "RemoteDisconnected",
+    "Connection refused",
+)
+
+
+def _submit(head, job_id: str, args: list[str], timeout: float):
+    """`ray job submit`, tried again (under a new id) while the head is still starting up.
+    Returns (completed process, the submission id that ran)."""
     runtime_env = {"env_vars": {"SEGDISTILL_CACHE": str(head["tmp"] / "cache")}}
-    command = [
-        RAY, "job", "submit", "--address", head["address"], "--submission-id", job_id,
-        "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env),
-        "--", sys.executable, "pipelines/distill.py", *args,
-    ]  # fmt: skip
     deadline = time.monotonic() + 300
-    while True:
+    for attempt in range(1, 100):
+        submission = f"{job_id}-{attempt}"
+        command = [
+            RAY, "job", "submit", "--address", head["address"], "--submission-id", submission,
+            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env),
+            "--", sys.executable, "pipelines/distill.py", *args,
+        ]  # fmt: skip
         out = subprocess.run(command, check=False, capture_output=True, text=True,
                              env=head["env"], timeout=timeout, cwd=ROOT)  # fmt: skip
-        # The dashboard answers before the head's job agent has registered; Ray says to retry.
-        if "No available agent to submit job" not in out.stderr + out.stdout:
-            return out
-        if time.monotonic() > deadline:
-            return out
+        text = out.stdout + out.stderr
+        started = f"Job '{submission}' submitted successfully" in text
+        if started or not any(t in text for t in TRANSIENT) or time.monotonic() > deadline:
+            return out, submission
         time.sleep(10)
+    raise AssertionError("unreachable")
 
 
 def _status(head, job_id: str) -> str:
@@ -139,10 +157,10 @@ def _status(head, job_id: str) -> str:
 def test_distill_job_writes_checkpoint_to_storage_uri(head, tiny_data, tiny_overrides):
     runs = head["tmp"] / "runs"
     args = tiny_overrides(tiny_data, f"file://{runs}", **{"method.name": "none"})
-    out = _submit(head, "segdistill-tiny", args, timeout=1500)
+    out, job = _submit(head, "segdistill-tiny", args, timeout=1500)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-6000:]
-    assert "Job 'segdistill-tiny' succeeded" in _status(head, "segdistill-tiny")
+    assert f"Job '{job}' succeeded" in _status(head, job)
     metas = sorted(runs.glob("distill-none-*/*/meta.json"))
     assert len(metas) == 1, list(runs.rglob("*"))
     meta = json.loads(metas[0].read_text())
