@@ -156,8 +156,8 @@ def _real(args, fail) -> int:
 
 
 def _verify(out: str) -> int:
-    from components.data.convert import verify
     from components.data.shards import DatasetError
+    from components.data.verify import verify
     from pipelines._common import fail
 
     try:

@@ -46,9 +46,7 @@ from components.data.shards import (
     SplitInfo,
     decode_image,
     encode_png,
-    list_shards,
     mask_labels,
-    read_split_table,
     resolve_fs,
     write_atomic,
 )
@@ -189,7 +187,6 @@ class Report:
     skipped_chunks: int = 0
     written_chunks: int = 0
     ok: bool = True
-    info: DatasetInfo | None = None
 
     @property
     def bad_fraction(self) -> float:
@@ -372,7 +369,6 @@ def convert(
         report.ok = False
     if report.ok:
         info.save(out)  # last: its presence means the dataset is complete
-        report.info = info
     elif fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File:
         fs.delete_file(f"{path}/{MANIFEST}")  # an earlier, laxer run's: not valid for this one
     return report
@@ -399,58 +395,6 @@ def bad_summary(report: Report, limit: int = 50) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Verification
-
-
-def verify(root: str, log=print) -> list[str]:
-    """Re-read a converted dataset; returns the problems found (empty: all good).
-
-    Checks dataset.json, that each split's shards hold the recorded row count, that every image
-    and mask decodes with the recorded size, and that mask ids are in [0, num_classes) or the
-    ignore index, and image_labels agree with the mask."""
-    from components.data.shards import decode_mask
-
-    problems: list[str] = []
-    info = DatasetInfo.load(root)
-    for split, s in info.splits.items():
-        shards = list_shards(root, split)
-        names = sorted(os.path.basename(p) for p in shards)
-        if names != sorted(s.shards):
-            problems.append(f"{split}: shards on disk {names} differ from dataset.json {s.shards}")
-        table = read_split_table(root, split)
-        if table.num_rows != s.rows:
-            problems.append(f"{split}: {table.num_rows} rows, dataset.json says {s.rows}")
-        allowed = set(range(info.num_classes)) | {info.ignore_index}
-        for row in table.to_pylist():
-            where = f"{split}/{row['id']}"
-            try:
-                image = decode_image(row["image"])
-            except ValueError as e:
-                problems.append(f"{where}: image: {e}")
-                continue
-            if image.shape[:2] != (row["height"], row["width"]):
-                problems.append(f"{where}: image is {image.shape[:2]}, row says "
-                                f"{row['height']}x{row['width']}")  # fmt: skip
-            if row["mask"] is None:
-                continue
-            try:
-                mask = decode_mask(row["mask"])
-            except ValueError as e:
-                problems.append(f"{where}: mask: {e}")
-                continue
-            if mask.shape != image.shape[:2]:
-                problems.append(f"{where}: mask {mask.shape} differs from image {image.shape[:2]}")
-            present = set(mask_labels(mask, info.ignore_index))
-            if present - allowed:
-                problems.append(f"{where}: mask ids {sorted(present - allowed)} out of range")
-            if sorted(present) != list(row["image_labels"]):
-                problems.append(f"{where}: image_labels {row['image_labels']} but mask has "
-                                f"{sorted(present)}")  # fmt: skip
-        log(f"{split}: {table.num_rows} rows checked")
-    return problems
-
-
 __all__ = [
     "BadItem",
     "Item",
@@ -463,5 +407,4 @@ __all__ = [
     "image_size",
     "labeled_subset",
     "read_file",
-    "verify",
 ]

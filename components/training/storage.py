@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from components.config import ConfigError
+from components.data.shards import DatasetError, resolve_fs
 from components.training.checkpoint import META_FILE, CheckpointError
 
 
@@ -40,10 +41,9 @@ def join(storage: str, *parts: str) -> str:
 
 def _open(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowException, ValueError) as e:
-        raise CheckpointError(f"{uri}: cannot open this location: {e}") from e
-    return fs, path.rstrip("/")
+        return resolve_fs(uri)
+    except DatasetError as e:  # the same "cannot open this location" message, as a checkpoint's
+        raise CheckpointError(str(e)) from e
 
 
 def _probe(path: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from components.data.convert import convert, labeled_subset, verify
+from components.data.convert import convert, labeled_subset
 from components.data.shards import (
     DatasetError,
     DatasetInfo,
@@ -22,6 +22,7 @@ from components.data.shards import (
 )
 from components.data.sources import ADE20K, COCO, VOC, Cityscapes
 from components.data.sources.coco import rle_decode
+from components.data.verify import verify
 from pipelines import prepare_data
 
 # cityscapesScripts labels.py: labelId -> trainId for the 19 evaluated classes.

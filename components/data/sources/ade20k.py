@@ -45,6 +45,10 @@ def reduce_zero_lut() -> np.ndarray:
     return lut
 
 
+REDUCE_ZERO = reduce_zero_lut()
+ALLOWED = set(range(151))  # 0 "other" and the 150 classes
+
+
 @dataclass
 class ADE20K:
     root: str
@@ -69,4 +73,4 @@ class ADE20K:
         return out
 
     def load(self, item: Item) -> Sample:
-        return load_pair(item, reduce_zero_lut(), set(range(151)))
+        return load_pair(item, REDUCE_ZERO, ALLOWED)

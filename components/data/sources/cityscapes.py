@@ -52,6 +52,9 @@ def label_to_train_lut() -> np.ndarray:
     return lut
 
 
+LABEL_TO_TRAIN = label_to_train_lut()
+
+
 @dataclass
 class Cityscapes:
     root: str
@@ -81,4 +84,4 @@ class Cityscapes:
         return out
 
     def load(self, item: Item) -> Sample:
-        return load_pair(item, label_to_train_lut(), LABEL_IDS)
+        return load_pair(item, LABEL_TO_TRAIN, LABEL_IDS)
