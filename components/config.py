@@ -23,7 +23,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 HEADS = ("deeplabv3", "pspnet")
-METHODS = ("none", "kd", "cwd", "skd", "adversarial", "cirkd", "sstkd")
+SUPERVISED_METHODS = ("none", "kd", "cwd", "skd", "adversarial", "cirkd", "sstkd")
+SEMISUP_METHODS = ("fixmatch", "cross_image")
+METHODS = SUPERVISED_METHODS + SEMISUP_METHODS
+STRONG_AUGMENTATIONS = ("colour_jitter", "grayscale", "blur", "cutmix")
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,15 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     train_split: str = "train"
     val_split: str = "val"
+    # Semi-supervised runs (pipelines/semisup.py): the split of unlabeled images (its masks, if
+    # any, are only used for diagnostics), and how many of `train_split`'s rows keep their
+    # labels (None: all; N: a seeded random N, the rest join the unlabeled stream unlabeled).
+    unlabeled_split: str = "unlabeled"
+    labeled_count: int | None = None
+    unlabeled_batch_size: int | None = None  # per worker; None: batch_size (ratio 1:1)
+    # Passes over the training split per epoch (small labeled sets: fewer, longer epochs, so a
+    # supervised baseline makes as many steps per epoch as a semi-supervised run).
+    train_repeat: int = 1
     num_classes: int | None = None  # if set, must equal dataset.json's num_classes
     crop_size: int = 48
     scale_min: float = 0.75
@@ -100,6 +112,9 @@ class MethodWeights:
     batch_pixel: float = 1.0  # CIRKD mini-batch pixel-pixel relation
     memory_pixel: float = 0.1  # CIRKD pixel-to-memory-pixel contrast
     memory_region: float = 0.1  # CIRKD pixel-to-memory-region contrast
+    unsup: float = 1.0  # semi-supervised: CE on the EMA teacher's confident pseudo labels
+    relation: float = 1.0  # cross-image relation distillation (inter-channel, labeled x unlabeled)
+    style: float = 0.1  # cross-image style distillation (feature statistics)
     sta: float = 1.0  # SSTKD statistical texture (DTIEM)
     str: float = 1.0  # SSTKD structural texture (CDM); last, as the name shadows the builtin
 
@@ -145,6 +160,21 @@ class CIRKDConfig:
 
 
 @dataclass
+class SemiSupConfig:
+    """The mean-teacher/FixMatch base and cross-image distillation (METHODS.md §3)."""
+
+    threshold: float = 0.95  # pseudo-label confidence threshold
+    ema_momentum: float = 0.999  # EMA teacher momentum (ramped: min(m, 1 - 1/(t+1)))
+    # Strong-view augmentations of unlabeled images (any subset, in this order of application).
+    strong: list[str] = field(default_factory=lambda: list(STRONG_AUGMENTATIONS))
+    cutmix_prob: float = 0.5  # share of unlabeled images that get a CutMix box
+    relation_temperature: float = 0.1  # τ of the relation matrices
+    style_memory_momentum: float | None = None  # None: the labeled batch's statistics
+    feature: str = "embed"  # the feature map of relation and style: embed, high or low
+    evaluate: str = "student"  # which model is evaluated and exported: student or ema
+
+
+@dataclass
 class MethodConfig:
     name: str = "sstkd"
     temperature: float = 1.0  # pixel-wise KD temperature
@@ -155,6 +185,7 @@ class MethodConfig:
     cdm: CDMConfig = field(default_factory=CDMConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     cirkd: CIRKDConfig = field(default_factory=CIRKDConfig)
+    semisup: SemiSupConfig = field(default_factory=SemiSupConfig)
 
 
 @dataclass
@@ -327,6 +358,34 @@ def validate(cfg: Config) -> None:
     _check(c.memory_temperature > 0, "method.cirkd.memory_temperature", "must be > 0")
     for key in ("pixel_memory_size", "region_memory_size", "pixels_per_class", "num_anchors"):
         _check(getattr(c, key) >= 1, f"method.cirkd.{key}", "must be >= 1")
+    ss = m.semisup
+    _check(0 <= ss.threshold <= 1, "method.semisup.threshold", "must be in [0, 1]")
+    _check(0 <= ss.ema_momentum < 1, "method.semisup.ema_momentum", "must be in [0, 1)")
+    for op in ss.strong:
+        _check(
+            op in STRONG_AUGMENTATIONS,
+            "method.semisup.strong",
+            f"'{op}' not one of {STRONG_AUGMENTATIONS}",
+        )
+    _check(0 <= ss.cutmix_prob <= 1, "method.semisup.cutmix_prob", "must be in [0, 1]")
+    _check(ss.relation_temperature > 0, "method.semisup.relation_temperature", "must be > 0")
+    if ss.style_memory_momentum is not None:
+        _check(
+            0 <= ss.style_memory_momentum < 1,
+            "method.semisup.style_memory_momentum",
+            "must be in [0, 1)",
+        )
+    _check(
+        ss.feature in ("embed", "high", "low"),
+        "method.semisup.feature",
+        "must be embed, high or low",
+    )
+    _check(ss.evaluate in ("student", "ema"), "method.semisup.evaluate", "must be student or ema")
+    if d.labeled_count is not None:
+        _check(d.labeled_count >= 1, "data.labeled_count", f"must be >= 1, got {d.labeled_count}")
+    _check(d.train_repeat >= 1, "data.train_repeat", f"must be >= 1, got {d.train_repeat}")
+    if d.unlabeled_batch_size is not None:
+        _check(d.unlabeled_batch_size >= 1, "data.unlabeled_batch_size", "must be >= 1")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -405,6 +464,7 @@ __all__ = [
     "MethodWeights",
     "ModelConfig",
     "OptimConfig",
+    "SemiSupConfig",
     "SyntheticConfig",
     "TeacherConfig",
     "TrainerConfig",

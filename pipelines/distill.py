@@ -25,13 +25,17 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.config import ConfigError, load_config
+    from components.config import SEMISUP_METHODS, ConfigError, load_config
     from pipelines._common import fail, init_ray
 
     try:
         cfg = load_config(argv)
     except ConfigError as e:
         return fail(str(e))
+    if cfg.method.name in SEMISUP_METHODS:
+        return fail(
+            f"'method.name': {cfg.method.name} is semi-supervised; run it with pipelines/semisup.py"
+        )
 
     import ray.train
 

@@ -19,7 +19,7 @@ def ray_session():
     if not ray.is_initialized():
         # Two 1-CPU train workers plus one CPU for Ray Data tasks; more logical CPUs only make Ray
         # start more worker processes at once, which thrashes a 2-core machine.
-        start_local_ray(num_cpus=3, include_dashboard=False, log_to_driver=True)
+        start_local_ray(attempts=5, num_cpus=3, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

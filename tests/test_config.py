@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from components.config import (
+    SEMISUP_METHODS,
     Config,
     ConfigError,
     fingerprint,
@@ -101,15 +102,38 @@ def test_shipped_configs_validate():
         # The real-data protocols name the user's ImageNet weights, which are not in the repo.
         cfg = load_config(["--config", str(path), "model.pretrained=null"])
         header = path.read_text().split("\n# ", 1)[1]
-        assert f"pipelines/distill.py --config configs/{path.name}" in header, path.name
+        script = "semisup.py" if cfg.method.name in SEMISUP_METHODS else "distill.py"
+        assert f"pipelines/{script} --config configs/{path.name}" in header, path.name
         if "cityscapes" in path.name:
             assert cfg.data.num_classes == 19 and cfg.trainer.use_gpu, path.name
+
+
+def test_semisup_synthetic_config_is_the_embedded_default():
+    from pipelines.semisup import default_config
+
+    shipped = load_config(["--config", "configs/cross_image_synthetic.yaml"])
+    assert shipped == merge_config(None, [], default_config())
+
+
+def test_semisup_protocol_iterations():
+    # VOC 1464: 9118 unlabeled rows, 8 per step, 80 epochs (~91k); Cityscapes 744 labeled of 2975.
+    voc = load_config(
+        ["--config", "configs/cross_image_voc_1464_r101.yaml", "model.pretrained=null"]
+    )
+    per_step = (voc.data.unlabeled_batch_size or voc.data.batch_size) * voc.trainer.num_workers
+    assert per_step == 8 and voc.data.batch_size * voc.trainer.num_workers == 8
+    assert abs((9118 // 4 // 2) * voc.trainer.epochs - 91_000) < 200
+    city = load_config(
+        ["--config", "configs/cross_image_cityscapes_744_r101.yaml", "model.pretrained=null"]
+    )
+    assert city.data.labeled_count == 744
+    assert abs(((2975 - 744) // 4 // 2) * city.trainer.epochs - 66_700) < 200
 
 
 def test_paper_protocols_are_about_40k_iterations():
     root = Path(__file__).parents[1] / "configs"
     for path in root.glob("*_cityscapes_*.yaml"):
-        if path.name.startswith("tune_"):
+        if path.name.startswith(("tune_", "cross_image_")):  # semi-supervised: own protocol
             continue
         cfg = load_config(["--config", str(path), "model.pretrained=null"])
         per_step = cfg.data.batch_size * cfg.trainer.num_workers

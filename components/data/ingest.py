@@ -22,16 +22,30 @@ split across workers. Each epoch is one execution of the pipeline.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import ray
 import ray.data
 from ray.data import FileShuffleConfig, RandomSeedConfig
 from ray.train import DataConfig as RayDataConfig
 
-from components.config import DataConfig
-from components.data.shards import DatasetInfo, list_shards, read_shard_tables, resolve_fs
-from components.data.transforms import decode_eval_batch, decode_train_batch
+from components.config import DataConfig, SemiSupConfig
+from components.data.shards import (
+    DatasetError,
+    DatasetInfo,
+    list_shards,
+    read_shard_tables,
+    read_split_table,
+    resolve_fs,
+)
+from components.data.transforms import (
+    decode_eval_batch,
+    decode_train_batch,
+    decode_unlabeled_batch,
+)
 
 READ_COLUMNS = ["id", "image", "mask"]
 # Rows decoded per Ray Data task call; also the window of the in-batch row shuffle.
@@ -73,8 +87,13 @@ def _encoded_rows(root: str, split: str, seed: int | None, cache: bool) -> ray.d
 
 
 def train_dataset(
-    data: DataConfig, info: DatasetInfo, split: str | None = None
+    data: DataConfig,
+    info: DatasetInfo,
+    split: str | None = None,
+    keep_ids: frozenset[str] | None = None,
+    repeat: int = 1,
 ) -> ray.data.Dataset:
+    """Decoded, augmented training rows; `keep_ids` selects rows, `repeat` passes per epoch."""
     split = split or data.train_split
     cache = should_cache(data, shard_bytes(data.root, split))
     decode = partial(
@@ -88,9 +107,22 @@ def train_dataset(
         shuffle=True,
     )
     ds = _encoded_rows(data.root, split, data.shuffle_seed, cache)
+    if keep_ids is not None:
+        ds = ds.map_batches(partial(_select, ids=keep_ids, keep=True), batch_format="numpy")
+    ds = _repeat(ds, repeat)
     return ds.map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy").drop_columns(
         ["id"]
     )
+
+
+def _select(batch: dict[str, np.ndarray], ids: frozenset[str], keep: bool) -> dict:
+    """The rows whose id is (keep=True) or is not (keep=False) in `ids`."""
+    chosen = np.array([(str(i) in ids) == keep for i in batch["id"]], dtype=bool)
+    return {k: v[chosen] for k, v in batch.items()}
+
+
+def _repeat(ds: ray.data.Dataset, times: int) -> ray.data.Dataset:
+    return ds if times <= 1 else ds.union(*([ds] * (times - 1)))
 
 
 def eval_dataset(
@@ -116,12 +148,168 @@ def eval_dataset(
     )
 
 
-def build_datasets(data: DataConfig, info: DatasetInfo) -> dict[str, ray.data.Dataset]:
+def build_datasets(
+    data: DataConfig, info: DatasetInfo, keep_ids: frozenset[str] | None = None
+) -> dict[str, ray.data.Dataset]:
     val_cache = should_cache(data, shard_bytes(data.root, data.val_split))
     return {
-        "train": train_dataset(data, info),
+        "train": train_dataset(data, info, keep_ids=keep_ids, repeat=data.train_repeat),
         "val": eval_dataset(data.root, info, data.val_split, cache=val_cache),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Semi-supervised: a labeled and an unlabeled stream
+
+
+@dataclass
+class SemiSupPlan:
+    """Where the labeled and unlabeled rows come from, and how many of each there are."""
+
+    labeled_rows: int
+    unlabeled_rows: int
+    labeled_ids: frozenset[str] | None  # None: all of the labeled split
+    has_unlabeled_split: bool
+
+    def describe(self, data: DataConfig) -> str:
+        parts = []
+        if self.has_unlabeled_split:
+            parts.append(f"'{data.unlabeled_split}'")
+        if self.labeled_ids is not None:
+            parts.append(f"the rest of '{data.train_split}'")
+        return (
+            f"{self.labeled_rows} labeled rows ('{data.train_split}'), {self.unlabeled_rows} "
+            f"unlabeled rows ({' + '.join(parts)})"
+        )
+
+
+def labeled_selection(data: DataConfig, info: DatasetInfo) -> tuple[frozenset[str] | None, int]:
+    """(ids of the labeled rows to use or None for all, their count) from `data.labeled_count`:
+    a seeded (`data.shuffle_seed`) random choice, the same for every run of that seed."""
+    rows = info.splits[data.train_split].rows
+    count = data.labeled_count
+    if count is None or count == rows:
+        return None, rows
+    if count > rows:
+        raise DatasetError(
+            f"data.labeled_count={count} but {data.root} split '{data.train_split}' has only "
+            f"{rows} rows"
+        )
+    all_ids = read_split_table(data.root, data.train_split, ["id"]).column("id").to_pylist()
+    chosen = np.random.default_rng(data.shuffle_seed).choice(len(all_ids), count, replace=False)
+    return frozenset(all_ids[i] for i in chosen.tolist()), count
+
+
+def plan_semisup(data: DataConfig, info: DatasetInfo) -> SemiSupPlan:
+    """Check the splits and pick the labeled subset; raises DatasetError naming the numbers."""
+    root = data.root
+    if data.train_split not in info.splits:
+        raise DatasetError(
+            f"{root}/dataset.json has no labeled split '{data.train_split}' "
+            f"(has {sorted(info.splits)})"
+        )
+    rows = info.splits[data.train_split].rows
+    if rows == 0:
+        raise DatasetError(f"{root}: the labeled split '{data.train_split}' is empty (0 rows)")
+    count = data.labeled_count
+    if count is not None and count > rows:
+        raise DatasetError(
+            f"data.labeled_count={count} but {root} split '{data.train_split}' has only {rows} rows"
+        )
+    has_unlabeled = (
+        data.unlabeled_split in info.splits and info.splits[data.unlabeled_split].rows > 0
+    )
+    extra = 0 if count is None else rows - count
+    unlabeled = (info.splits[data.unlabeled_split].rows if has_unlabeled else 0) + extra
+    if unlabeled == 0:
+        raise DatasetError(
+            f"no unlabeled images: {root}/dataset.json has no non-empty split "
+            f"'{data.unlabeled_split}' (has {sorted(info.splits)}) and data.labeled_count "
+            f"({count}) leaves none of the {rows} '{data.train_split}' rows over; make one with "
+            "pipelines/prepare_data.py --labeled N, or set data.labeled_count below "
+            f"{rows}"
+        )
+    ids, labeled = labeled_selection(data, info)
+    return SemiSupPlan(labeled, unlabeled, ids, has_unlabeled)
+
+
+def semisup_steps(plan: SemiSupPlan, data: DataConfig, num_workers: int) -> tuple[int, int, int]:
+    """(steps per epoch, labeled passes, unlabeled passes): an epoch is one pass over the larger
+    stream; the smaller one is repeated (whole passes) to supply as many batches."""
+    b_l = data.batch_size
+    b_u = data.unlabeled_batch_size or data.batch_size
+    steps = []
+    for rows, batch, what in (
+        (plan.labeled_rows, b_l, "labeled"),
+        (plan.unlabeled_rows, b_u, "unlabeled"),
+    ):
+        n = (rows // num_workers) // batch
+        if n < 1:
+            raise DatasetError(
+                f"{rows} {what} rows are too few for {num_workers} worker(s) x batch {batch} "
+                f"(need at least {num_workers * batch})"
+            )
+        steps.append(n)
+    total = max(steps)
+    passes = [
+        math.ceil(total * b * num_workers / r)
+        for r, b in ((plan.labeled_rows, b_l), (plan.unlabeled_rows, b_u))
+    ]
+    return total, passes[0], passes[1]
+
+
+def unlabeled_dataset(
+    data: DataConfig,
+    info: DatasetInfo,
+    plan: SemiSupPlan,
+    semisup: SemiSupConfig,
+    repeat: int = 1,
+) -> ray.data.Dataset:
+    """Weak + strong views of the unlabeled split and of the labeled split's unchosen rows."""
+    parts = []
+    if plan.has_unlabeled_split:
+        split = data.unlabeled_split
+        cache = should_cache(data, shard_bytes(data.root, split))
+        parts.append(_encoded_rows(data.root, split, data.shuffle_seed + 1, cache))
+    if plan.labeled_ids is not None:
+        cache = should_cache(data, shard_bytes(data.root, data.train_split))
+        rest = _encoded_rows(data.root, data.train_split, data.shuffle_seed + 2, cache)
+        parts.append(
+            rest.map_batches(
+                partial(_select, ids=plan.labeled_ids, keep=False), batch_format="numpy"
+            )
+        )
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    decode = partial(
+        decode_unlabeled_batch,
+        crop_size=data.crop_size,
+        scale_range=(data.scale_min, data.scale_max),
+        flip=data.flip,
+        strong=tuple(semisup.strong),
+        ignore_index=info.ignore_index,
+        num_classes=info.num_classes,
+        shuffle=True,
+    )
+    return (
+        _repeat(ds, repeat)
+        .map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
+        .drop_columns(["id"])
+    )
+
+
+def build_semisup_datasets(
+    data: DataConfig, info: DatasetInfo, semisup: SemiSupConfig, num_workers: int
+) -> tuple[dict[str, ray.data.Dataset], int, SemiSupPlan]:
+    """{"train", "unlabeled", "val"} datasets and the steps per epoch."""
+    plan = plan_semisup(data, info)
+    steps, labeled_passes, unlabeled_passes = semisup_steps(plan, data, num_workers)
+    val_cache = should_cache(data, shard_bytes(data.root, data.val_split))
+    datasets = {
+        "train": train_dataset(data, info, keep_ids=plan.labeled_ids, repeat=labeled_passes),
+        "unlabeled": unlabeled_dataset(data, info, plan, semisup, repeat=unlabeled_passes),
+        "val": eval_dataset(data.root, info, data.val_split, cache=val_cache),
+    }
+    return datasets, steps, plan
 
 
 class SegDataConfig(RayDataConfig):
@@ -150,9 +338,12 @@ class SegDataConfig(RayDataConfig):
         return output
 
 
-def steps_per_epoch(info: DatasetInfo, split: str, batch_size: int, num_workers: int) -> int:
-    """Full batches each worker gets from an even split; raises when the split is too small."""
-    rows = info.splits[split].rows
+def steps_per_epoch(
+    info: DatasetInfo, split: str, batch_size: int, num_workers: int, rows: int | None = None
+) -> int:
+    """Full batches each worker gets from an even split (of `rows` rows when only part of it is
+    used); raises when the split is too small."""
+    rows = info.splits[split].rows if rows is None else rows
     steps = (rows // num_workers) // batch_size
     if steps < 1:
         raise ValueError(

@@ -22,6 +22,7 @@ import logging
 import zlib
 
 import numpy as np
+from skimage.filters import gaussian
 from skimage.transform import resize
 
 from components.data.shards import decode_image, decode_mask
@@ -41,13 +42,15 @@ def random_scale_crop_flip(
     flip: bool,
     rng: np.random.Generator,
     ignore_index: int = 255,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_area: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Rescale by s ~ U(scale_range), pad, crop crop_size x crop_size, maybe flip horizontally.
 
     image (H, W, 3) uint8, mask (H, W) uint8 -> (crop, crop, 3) uint8, (crop, crop) uint8.
     The image is resized bilinearly and the mask by nearest neighbour; both share the crop
     offset and the flip (p = 0.5). Padding (bottom/right, when the scaled image is smaller than
-    the crop) is 0 in the image and `ignore_index` in the mask.
+    the crop) is 0 in the image and `ignore_index` in the mask. `with_area` also returns a
+    (crop, crop) bool map that is False on the padding (unlabeled images have no mask to mark it).
     """
     h, w = mask.shape
     s = rng.uniform(*scale_range)
@@ -62,9 +65,41 @@ def random_scale_crop_flip(
     x = int(rng.integers(0, image.shape[1] - crop_size + 1))
     image = image[y : y + crop_size, x : x + crop_size]
     mask = mask[y : y + crop_size, x : x + crop_size]
+    area = np.zeros((crop_size, crop_size), bool)
+    area[: max(0, nh - y), : max(0, nw - x)] = True
     if flip and rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+        image, mask, area = image[:, ::-1], mask[:, ::-1], area[:, ::-1]
+    out = (np.ascontiguousarray(image), np.ascontiguousarray(mask))
+    return (*out, np.ascontiguousarray(area)) if with_area else out
+
+
+def strong_photometric(
+    image: np.ndarray, ops: tuple[str, ...] | list[str], rng: np.random.Generator
+) -> np.ndarray:
+    """The photometric part of the strong view of an unlabeled image, (H, W, 3) uint8 -> same.
+
+    UniMatch's set, applied in this order when listed in `ops`:
+    - `colour_jitter` (p 0.8): brightness, contrast and saturation factors each ~ U(0.5, 1.5)
+      (torchvision's ColorJitter(0.5, 0.5, 0.5) without hue);
+    - `grayscale` (p 0.2): ITU-R 601 luma in all three channels;
+    - `blur` (p 0.5): Gaussian, σ ~ U(0.1, 2.0) pixels.
+    Geometry is untouched, so the strong view stays pixel-aligned with the weak one. (`cutmix`
+    mixes two images and is applied on the worker: components/semisup/fixmatch.py.)
+    """
+    x = image.astype(np.float32)
+    luma_w = np.array([0.299, 0.587, 0.114], np.float32)
+    if "colour_jitter" in ops and rng.random() < 0.8:
+        b, c, s = rng.uniform(0.5, 1.5, size=3)
+        x = x * b
+        x = (x - (x @ luma_w).mean()) * c + (x @ luma_w).mean()
+        gray = (x @ luma_w)[..., None]
+        x = (x - gray) * s + gray
+        x = np.clip(x, 0, 255)
+    if "grayscale" in ops and rng.random() < 0.2:
+        x = np.repeat((x @ luma_w)[..., None], 3, axis=2)
+    if "blur" in ops and rng.random() < 0.5:
+        x = gaussian(x, sigma=rng.uniform(0.1, 2.0), channel_axis=-1, preserve_range=True)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def pad_to(
@@ -201,6 +236,63 @@ def decode_train_batch(
     return _assemble(out, crop_size, crop_size, ignore_index)
 
 
+def decode_unlabeled_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    crop_size: int,
+    scale_range: tuple[float, float],
+    flip: bool,
+    strong: tuple[str, ...] | list[str],
+    ignore_index: int = 255,
+    num_classes: int,
+    shuffle: bool = False,
+) -> dict[str, np.ndarray]:
+    """Weak and strong views of unlabeled rows (same crop), for semi-supervised training.
+
+    Output columns: `image` (weak: scale/crop/flip, normalized), `image_strong` (the same crop
+    after `strong_photometric`), `area` (B, H, W) bool (False on crop padding), `mask` (the row's
+    mask if it has one — for diagnostics only, never a training target — else all ignore),
+    `valid`, `id`. A row whose optional mask is bad is still used as unlabeled (its mask becomes
+    all ignore); only an undecodable image makes it invalid.
+    """
+    rng = np.random.default_rng()
+    if shuffle:
+        order = rng.permutation(len(batch["id"]))
+        batch = {k: v[order] for k, v in batch.items()}
+    ids = [str(i) for i in batch["id"]]
+    masks = batch.get("mask")
+    n = len(ids)
+    weak = np.zeros((n, crop_size, crop_size, 3), np.uint8)
+    strong_views = np.zeros_like(weak)
+    diag = np.full((n, crop_size, crop_size), ignore_index, np.int64)
+    area = np.zeros((n, crop_size, crop_size), bool)
+    valid = np.zeros(n, bool)
+    for k, row_id in enumerate(ids):
+        mask_bytes = None if masks is None else masks[k]
+        result = check_row(batch["image"][k], mask_bytes, num_classes, ignore_index)
+        if isinstance(result, str) and mask_bytes is not None:
+            result = check_row(batch["image"][k], None, num_classes, ignore_index)
+        if isinstance(result, str):
+            log.warning("skipping unlabeled row %s: %s", row_id, result)
+            continue
+        image, mask, inside = random_scale_crop_flip(
+            result[0], result[1], crop_size, scale_range, flip, rng, ignore_index, with_area=True
+        )
+        weak[k], diag[k], area[k], valid[k] = image, mask, inside, True
+        strong_views[k] = strong_photometric(image, strong, rng)
+    images, strong_images = normalize(weak), normalize(strong_views)
+    images[~valid] = 0.0
+    strong_images[~valid] = 0.0
+    return {
+        "image": images,
+        "image_strong": strong_images,
+        "area": area,
+        "mask": diag,
+        "id": np.array(ids, dtype=str),
+        "valid": valid,
+    }
+
+
 def decode_eval_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -233,7 +325,9 @@ __all__ = [
     "check_row",
     "decode_eval_batch",
     "decode_train_batch",
+    "decode_unlabeled_batch",
     "normalize",
     "pad_to",
     "random_scale_crop_flip",
+    "strong_photometric",
 ]

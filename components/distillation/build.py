@@ -9,14 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from components.config import Config, MethodWeights
+from components.config import SEMISUP_METHODS, Config, MethodWeights
 from components.distillation.distiller import Distiller
 from components.distillation.protocol import Method
 from components.distillation.supervised import Supervised
 
 
 def needs_teacher(name: str) -> bool:
-    return name != "none"
+    """Whether a method distils from a separately trained, frozen teacher (the semi-supervised
+    methods make their own: an EMA of the student)."""
+    return name not in ("none", *SEMISUP_METHODS)
 
 
 def method_terms(name: str, w: MethodWeights) -> dict[str, float]:
@@ -66,10 +68,15 @@ def build_method(
     teacher: nn.Module | None = None,
     num_classes: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    ignore_index: int = 255,
 ) -> Method:
     m, w = cfg.method, cfg.method.weights
     if m.name == "none":
         return Supervised(student, ce_weight=w.ce, aux_weight=w.aux)
+    if m.name in SEMISUP_METHODS:
+        from components.semisup.method import SemiSupervised
+
+        return SemiSupervised(student, m, ignore_index=ignore_index)
     if teacher is None:
         raise ValueError(f"method '{m.name}' needs a teacher model")
     return Distiller(

@@ -33,6 +33,15 @@ from components.training.checkpoint import (
 from components.training.evaluation import predict_confusion
 from components.training.schedule import poly_scheduler
 
+TRAIN_DTYPES = {"image": torch.float32, "mask": torch.int64, "valid": torch.bool}
+UNLABELED_DTYPES = {
+    "image": torch.float32,
+    "image_strong": torch.float32,
+    "mask": torch.int64,
+    "area": torch.bool,
+    "valid": torch.bool,
+}
+
 
 class BadDataError(RuntimeError):
     """Too many rows failed to decode or validate."""
@@ -65,6 +74,18 @@ def _build_teacher(config: dict, num_classes: int, device: torch.device) -> nn.M
     return teacher.to(device).eval()
 
 
+def _next_batch(streams: dict) -> dict | None:
+    """One batch from every stream, keys prefixed by the stream's prefix; None when one ends."""
+    batch = {}
+    for prefix, stream in streams.items():
+        try:
+            part = next(stream)
+        except StopIteration:
+            return None
+        batch.update({prefix + k: v for k, v in part.items()})
+    return batch
+
+
 def _progress_metrics(progress: dict) -> dict:
     keys = ("epoch", "iteration", "best_miou", "best_epoch", "teacher_miou")
     return {k: progress[k] for k in keys if k in progress}
@@ -95,7 +116,12 @@ def train_loop_per_worker(config: dict) -> None:
             teacher = teacher.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if (on_gpu and t.amp) else None
     method = build_method(
-        cfg, student, teacher, num_classes=num_classes, autocast_dtype=amp_dtype
+        cfg,
+        student,
+        teacher,
+        num_classes=num_classes,
+        autocast_dtype=amp_dtype,
+        ignore_index=ignore_index,
     ).to(device)
 
     o = cfg.optim
@@ -138,14 +164,23 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    # Semi-supervised runs stream a second dataset into the same steps.
+    unlabeled_shard = ray.train.get_dataset_shard("unlabeled") if config.get("unlabeled") else None
     batch_size = cfg.data.batch_size
+    after_step = getattr(method, "after_step", None)
+    iter_args = {
+        "batch_size": batch_size,
+        "drop_last": True,
+        "prefetch_batches": cfg.data.prefetch_batches,
+        "device": device,
+    }
 
     def evaluate(model: nn.Module) -> torch.Tensor:
         confusion = predict_confusion(
             model,
             val_shard.iter_torch_batches(
                 batch_size=cfg.data.val_batch_size,
-                dtypes={"image": torch.float32, "mask": torch.int64, "valid": torch.bool},
+                dtypes=TRAIN_DTYPES,
                 device=device,
                 prefetch_batches=cfg.data.prefetch_batches,
             ),
@@ -164,27 +199,24 @@ def train_loop_per_worker(config: dict) -> None:
         method.trainable.train()
         sums: dict[str, float] = defaultdict(float)
         steps, wait_s, bad_rows, seen_rows = 0, 0.0, 0, 0
-        batches = iter(
-            train_shard.iter_torch_batches(
-                batch_size=batch_size,
-                drop_last=True,
-                prefetch_batches=cfg.data.prefetch_batches,
-                dtypes={"image": torch.float32, "mask": torch.int64, "valid": torch.bool},
-                device=device,
+        streams = {"": iter(train_shard.iter_torch_batches(dtypes=TRAIN_DTYPES, **iter_args))}
+        if unlabeled_shard is not None:
+            streams["u_"] = iter(
+                unlabeled_shard.iter_torch_batches(
+                    dtypes=UNLABELED_DTYPES,
+                    **{**iter_args, "batch_size": cfg.data.unlabeled_batch_size or batch_size},
+                )
             )
-        )
         t_epoch = time.perf_counter()
-        while True:
+        while steps < steps_per_epoch:
             t_wait = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            if steps >= steps_per_epoch:
-                continue  # an even split never gets here; drain rather than stall the stream
+            batch = _next_batch(streams)
+            if batch is None:
+                break  # the step-count check below reports it
             wait_s += time.perf_counter() - t_wait
-            bad_rows += int((~batch["valid"]).sum())
-            seen_rows += batch["valid"].numel()
+            for prefix in streams:
+                bad_rows += int((~batch[prefix + "valid"]).sum())
+                seen_rows += batch[prefix + "valid"].numel()
             if on_gpu and t.channels_last:
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             if amp_dtype is not None:
@@ -196,6 +228,8 @@ def train_loop_per_worker(config: dict) -> None:
             terms["loss"].backward()
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step()  # e.g. the EMA teacher's update
             steps += 1
             progress["iteration"] += 1
             for name, value in terms.items():
@@ -207,6 +241,9 @@ def train_loop_per_worker(config: dict) -> None:
                     f"epoch {epoch + 1}/{t.epochs} it {progress['iteration']}/{total_iters} "
                     f"{shown} lr {scheduler.get_last_lr()[0]:.2e}",
                 )
+        for stream in streams.values():
+            for _ in stream:  # an even split has nothing left; drain rather than stall the stream
+                pass
         train_s = time.perf_counter() - t_epoch
 
         counts = _all_reduce_sum(

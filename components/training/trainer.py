@@ -22,6 +22,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from components.config import (
+    SEMISUP_METHODS,
     Config,
     ConfigError,
     ModelConfig,
@@ -30,7 +31,13 @@ from components.config import (
     to_dict,
     validate_against_dataset,
 )
-from components.data.ingest import SegDataConfig, build_datasets, steps_per_epoch
+from components.data.ingest import (
+    SegDataConfig,
+    build_datasets,
+    build_semisup_datasets,
+    labeled_selection,
+    steps_per_epoch,
+)
 from components.data.shards import DatasetInfo, list_shards
 from components.data.synthetic import ensure_synthetic
 from components.distillation.build import needs_teacher
@@ -218,14 +225,30 @@ def build_trainer(
     callbacks: list | None = None,
 ):
     request = _request(cfg)
+    if cfg.method.name in SEMISUP_METHODS:
+        # A labeled and an unlabeled stream; an epoch is one pass over the larger one.
+        datasets, steps, _ = build_semisup_datasets(
+            cfg.data, info, cfg.method.semisup, cfg.trainer.num_workers
+        )
+    else:
+        # `data.labeled_count` (the supervised-only baseline of a semi-supervised comparison)
+        # trains on that labeled subset only.
+        keep_ids, rows = labeled_selection(cfg.data, info)
+        datasets = build_datasets(cfg.data, info, keep_ids)
+        steps = steps_per_epoch(
+            info,
+            cfg.data.train_split,
+            cfg.data.batch_size,
+            cfg.trainer.num_workers,
+            rows * cfg.data.train_repeat,
+        )
     loop_config = {
         "cfg": to_dict(cfg),
         "num_classes": info.num_classes,
         "ignore_index": info.ignore_index,
         "class_names": info.class_names,
-        "steps_per_epoch": steps_per_epoch(
-            info, cfg.data.train_split, cfg.data.batch_size, cfg.trainer.num_workers
-        ),
+        "steps_per_epoch": steps,
+        "unlabeled": "unlabeled" in datasets,
     }
     if teacher is not None:
         loop_config["teacher_state"] = ray.put(teacher.state)
@@ -245,7 +268,7 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=callbacks,
         ),
-        datasets=build_datasets(cfg.data, info),
+        datasets=datasets,
         dataset_config=SegDataConfig(),
     )
 

@@ -1,0 +1,159 @@
+"""Semi-supervised methods: the FixMatch/mean-teacher base and cross-image distillation on it.
+
+    fixmatch      CE on labeled + unsup (confident pseudo labels of the EMA teacher, strong view)
+    cross_image   fixmatch + relation (inter-channel, labeled × unlabeled) + style (statistics)
+
+A weight of 0 switches a term off, so `cross_image` with `relation=0 style=0` is the base and the
+ablations are config switches. One step, with B_l labeled and B_u unlabeled images:
+
+1. The EMA teacher (eval mode, no gradient) runs once on [labeled; weak unlabeled]: pseudo labels
+   (argmax, confidence >= `threshold`, padding and bad rows never count) and the features the
+   relation term needs.
+2. CutMix boxes (`cutmix_prob`) mix the strong views, the pseudo labels, their confidence mask
+   and the teacher's unlabeled features alike.
+3. The student runs once on [labeled; strong unlabeled] (one forward, so BatchNorm sees both and
+   DDP sees one call). Terms: `ce` (+`aux`) on the labeled masks, `unsup` on the pseudo labels,
+   `relation` on pairs (labeled k, unlabeled k) for k < min(B_l, B_u), `style` of the
+   unlabeled features against the labeled statistics.
+4. After the optimizer step the loop calls `after_step()`: the EMA update.
+
+The unlabeled rows' masks (when a dataset has them) arrive as `u_mask` and are used for one
+diagnostic only, `pseudo_acc` (accuracy of the confident pseudo labels), computed without
+gradient after the loss; nothing that trains reads them (tests/semisup/test_method.py checks that
+the loss and gradients do not change when they do).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from components.config import SEMISUP_METHODS, MethodConfig
+from components.distillation.protocol import supervised_terms, unwrap
+from components.semisup.cross_image import (
+    StyleMemory,
+    relation_loss,
+    style_loss,
+    style_statistics,
+)
+from components.semisup.ema import EMATeacher
+from components.semisup.fixmatch import confident_ce, cutmix, cutmix_boxes, pseudo_labels
+
+
+def semisup_weights(m: MethodConfig) -> dict[str, float]:
+    """The unlabeled-data terms of the method with their weights (0 = off)."""
+    w = m.weights
+    terms = {"unsup": w.unsup}
+    if m.name == "cross_image":
+        terms.update(relation=w.relation, style=w.style)
+    return terms
+
+
+class SemiSupervised:
+    """The semi-supervised objective (module docstring); `trainable` is the student alone."""
+
+    def __init__(self, student: nn.Module, m: MethodConfig, ignore_index: int = 255):
+        if m.name not in SEMISUP_METHODS:
+            raise ValueError(f"'method.name': {m.name} is not one of {SEMISUP_METHODS}")
+        s = m.semisup
+        self.trainable: nn.Module = student
+        self.ema = EMATeacher(student, s.ema_momentum)
+        self.weights = {k: v for k, v in semisup_weights(m).items() if v > 0}
+        self.ce_weight, self.aux_weight = m.weights.ce, m.weights.aux
+        self.threshold = s.threshold
+        self.cutmix_prob = s.cutmix_prob if "cutmix" in s.strong else 0.0
+        self.temperature = s.relation_temperature
+        self.feature = s.feature
+        self.evaluate = s.evaluate
+        self.ignore_index = ignore_index
+        self.style_memory = (
+            StyleMemory(s.style_memory_momentum) if s.style_memory_momentum is not None else None
+        )
+
+    def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        image, mask = batch["image"], batch["mask"]
+        weak, strong = batch["u_image"], batch["u_image_strong"]
+        b_l, b_u = image.shape[0], weak.shape[0]
+        size = weak.shape[-2:]
+        usable = batch["u_area"] & batch["u_valid"][:, None, None]  # real, decodable pixels
+
+        with torch.no_grad():
+            t_out = self.ema.model(torch.cat([image, weak]))
+            labels, _, confident = pseudo_labels(t_out["logits"][b_l:], self.threshold, size)
+            confident &= usable
+            t_feat = t_out["features"][self.feature]
+            t_feat_l, t_feat_u = t_feat[:b_l], t_feat[b_l:]
+            if self.cutmix_prob > 0:
+                boxes = cutmix_boxes(b_u, self.cutmix_prob)
+                strong = cutmix(strong, boxes)
+                labels, confident = cutmix(labels, boxes), cutmix(confident, boxes)
+                usable = cutmix(usable, boxes)
+                t_feat_u = cutmix(t_feat_u, boxes)
+            else:
+                boxes = None
+
+        out = self.trainable(torch.cat([image, strong]))
+        labeled_out = {k: out[k][:b_l] for k in ("logits", "aux_logits") if k in out}
+        terms = supervised_terms(
+            labeled_out, mask, self.ce_weight, self.aux_weight, self.ignore_index
+        )
+        feat = out["features"][self.feature]
+        s_feat_l, s_feat_u = feat[:b_l], feat[b_l:]
+        if "unsup" in self.weights:
+            terms["unsup"] = self.weights["unsup"] * confident_ce(
+                out["logits"][b_l:], labels, confident
+            )
+        if "relation" in self.weights:
+            pairs = min(b_l, b_u)
+            terms["relation"] = self.weights["relation"] * relation_loss(
+                t_feat_l[:pairs],
+                t_feat_u[:pairs],
+                s_feat_l[:pairs],
+                s_feat_u[:pairs],
+                self.temperature,
+            )
+        if "style" in self.weights:
+            with torch.no_grad():
+                mean_l, std_l = style_statistics(s_feat_l)
+                target = (mean_l.mean(0), std_l.mean(0))
+                if self.style_memory is not None:
+                    target = self.style_memory.update(*target)
+            terms["style"] = self.weights["style"] * style_loss(s_feat_u, *target)
+        terms["loss"] = sum(terms.values())
+
+        with torch.no_grad():  # diagnostics only
+            terms["confident_share"] = confident.float().sum() / usable.float().sum().clamp(min=1)
+            if "u_mask" in batch:
+                truth = batch["u_mask"] if boxes is None else cutmix(batch["u_mask"], boxes)
+                known = confident & (truth != self.ignore_index)
+                if bool(known.any()):
+                    terms["pseudo_acc"] = (labels[known] == truth[known]).float().mean()
+        return terms
+
+    def after_step(self) -> None:
+        self.ema.update(unwrap(self.trainable))
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.model if self.evaluate == "ema" else unwrap(self.trainable)
+
+    def extra_state(self) -> dict:
+        state = {"ema": self.ema.state_dict()}
+        if self.style_memory is not None:
+            state["style_memory"] = self.style_memory.state_dict()
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        if "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        if self.style_memory is not None and "style_memory" in state:
+            self.style_memory.load_state_dict(state["style_memory"])
+
+    def to(self, device: torch.device) -> SemiSupervised:
+        self.trainable.to(device)
+        self.ema.to(device)
+        if self.style_memory is not None:
+            self.style_memory.to(device)
+        return self
+
+
+__all__ = ["SEMISUP_METHODS", "SemiSupervised", "semisup_weights"]

@@ -1,0 +1,160 @@
+"""The composed semi-supervised objective on a real (tiny) model, in process."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from components.config import Config, MethodConfig, ModelConfig, SemiSupConfig
+from components.distillation.build import build_method, needs_teacher
+from components.models.build import build_model
+from components.semisup.method import SemiSupervised
+
+
+def _method(name="cross_image", **semisup) -> SemiSupervised:
+    torch.manual_seed(0)
+    student = build_model(ModelConfig(width=0.125), num_classes=4)
+    cfg = Config(method=MethodConfig(name=name, semisup=SemiSupConfig(**semisup)))
+    method = build_method(cfg, student, None, num_classes=4)
+    assert isinstance(method, SemiSupervised)
+    return method
+
+
+def _batch(seed=0, b_l=2, b_u=3, size=32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    area = torch.ones(b_u, size, size, dtype=torch.bool)
+    area[:, -5:, :] = False  # padding at the bottom of the crops
+    return {
+        "image": torch.randn(b_l, 3, size, size, generator=g),
+        "mask": torch.randint(0, 4, (b_l, size, size), generator=g),
+        "valid": torch.ones(b_l, dtype=torch.bool),
+        "u_image": torch.randn(b_u, 3, size, size, generator=g),
+        "u_image_strong": torch.randn(b_u, 3, size, size, generator=g),
+        "u_area": area,
+        "u_mask": torch.randint(0, 4, (b_u, size, size), generator=g),
+        "u_valid": torch.ones(b_u, dtype=torch.bool),
+    }
+
+
+def _step(method: SemiSupervised, batch: dict, seed: int = 1):
+    torch.manual_seed(seed)  # the CutMix boxes
+    method.trainable.zero_grad()
+    terms = method.training_step(batch)
+    terms["loss"].backward()
+    grads = [p.grad.clone() for p in method.trainable.parameters() if p.grad is not None]
+    return terms, grads
+
+
+def test_terms_and_total():
+    # Threshold 0: every real pixel gets a pseudo label, so `unsup` is active from step one.
+    method = _method(threshold=0.0)
+    terms, _ = _step(method, _batch())
+    for key in ("ce", "aux", "unsup", "relation", "style", "loss", "confident_share", "pseudo_acc"):
+        assert key in terms, key
+    total = sum(float(terms[k].detach()) for k in ("ce", "aux", "unsup", "relation", "style"))
+    assert float(terms["loss"].detach()) == pytest.approx(total, rel=1e-5)
+    # Padding (5 of 32 rows) is never a pseudo label.
+    assert float(terms["confident_share"]) == pytest.approx(1.0)
+
+
+def test_unlabeled_masks_never_train():
+    """The unlabeled split's masks are a diagnostic: loss and gradients do not depend on them."""
+    method = _method(threshold=0.0)
+    batch = _batch()
+    terms_a, grads_a = _step(method, batch)
+    other = dict(batch, u_mask=torch.randint(0, 4, batch["u_mask"].shape))
+    terms_b, grads_b = _step(method, other)
+    no_mask = {k: v for k, v in batch.items() if k != "u_mask"}
+    terms_c, grads_c = _step(method, no_mask)
+    assert float(terms_a["loss"]) == float(terms_b["loss"]) == float(terms_c["loss"])
+    for a, b, c in zip(grads_a, grads_b, grads_c):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert float(terms_a["pseudo_acc"]) != float(terms_b["pseudo_acc"])
+    assert "pseudo_acc" not in terms_c
+
+
+def test_weights_switch_terms_and_fixmatch_is_the_base():
+    base = _method("fixmatch", threshold=0.0)
+    terms, _ = _step(base, _batch())
+    assert "relation" not in terms and "style" not in terms and "unsup" in terms
+    m = _method(threshold=0.0)
+    m.weights.pop("relation")
+    terms, _ = _step(m, _batch())
+    assert "relation" not in terms and "style" in terms
+
+
+def test_invalid_unlabeled_rows_give_no_pseudo_labels():
+    method = _method(threshold=0.0)
+    batch = _batch()
+    batch["u_valid"] = torch.tensor([True, False, False])
+    terms, _ = _step(method, batch)
+    assert float(terms["confident_share"]) == pytest.approx(1.0)  # of the usable pixels
+    batch["u_valid"][:] = False
+    terms, _ = _step(method, batch)
+    assert float(terms["unsup"]) == 0.0 and float(terms["confident_share"]) == 0.0
+
+
+def test_after_step_updates_the_ema_and_state_round_trips():
+    method = _method(ema_momentum=0.5, style_memory_momentum=0.9)
+    opt = torch.optim.SGD(method.trainable.parameters(), lr=0.1)
+    for _ in range(2):
+        _terms, _ = _step(method, _batch())
+        opt.step()
+        method.after_step()
+    assert method.ema.updates == 2
+    # Update 0 copies the student (α = 0); update 1 averages with α = 0.5: teacher != student.
+    t = dict(method.ema.model.named_parameters())
+    s = dict(method.trainable.named_parameters())
+    assert not torch.equal(t["head.classifier.weight"], s["head.classifier.weight"])
+    state = method.extra_state()
+    fresh = _method(ema_momentum=0.5, style_memory_momentum=0.9)
+    fresh.load_extra_state(state)
+    assert fresh.ema.updates == 2
+    for a, b in zip(fresh.ema.model.state_dict().values(), method.ema.model.state_dict().values()):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(fresh.style_memory.mean, method.style_memory.mean)
+
+
+def test_eval_model_choice_and_no_external_teacher():
+    assert not needs_teacher("cross_image") and not needs_teacher("fixmatch")
+    m = _method(evaluate="ema")
+    assert m.eval_model() is m.ema.model
+    s = _method()  # the student by default
+    assert s.eval_model() is s.trainable
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch():
+    method = _method("cross_image", threshold=0.0, strong=["colour_jitter"])
+    opt = torch.optim.SGD(method.trainable.parameters(), lr=0.05, momentum=0.9)
+    batch = _batch()
+    batch["mask"] = (batch["image"][:, 0] > 0).long() * 2  # learnable: the sign of channel 0
+    first = None
+    for _ in range(15):
+        terms = method.training_step(batch)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        method.after_step()
+        first = first if first is not None else float(terms["ce"].detach())
+    assert float(terms["ce"].detach()) < 0.8 * first
+
+
+def test_config_validation():
+    from components.config import ConfigError, validate
+
+    for change, key in (
+        ({"threshold": 1.5}, "method.semisup.threshold"),
+        ({"ema_momentum": 1.0}, "method.semisup.ema_momentum"),
+        ({"strong": ["mixup"]}, "method.semisup.strong"),
+        ({"feature": "logits"}, "method.semisup.feature"),
+        ({"evaluate": "teacher"}, "method.semisup.evaluate"),
+    ):
+        cfg = Config(method=MethodConfig(name="cross_image", semisup=SemiSupConfig(**change)))
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate(cfg)
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labeled_count=0))
+    with pytest.raises(ConfigError, match="data.labeled_count"):
+        validate(cfg)
