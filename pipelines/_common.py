@@ -30,10 +30,15 @@ def init_ray() -> None:
 def start_local_ray(attempts: int = 3, **kwargs) -> None:
     """`ray.init(**kwargs)` for a new local instance, tried again when the node times out during
     start-up: Ray waits a fixed 30 s for its raylet to register, which a loaded 2-core machine
-    can miss (seen in CI-like runs); a second try usually starts in a few seconds."""
+    can miss (seen in CI-like runs); a second try usually starts in a few seconds.
+
+    A timed-out attempt leaves its GCS, dashboard and monitor processes running (`ray.shutdown`
+    does not know them); they are this process's children, so they are stopped here before the
+    next try instead of loading the machine for the rest of the session."""
     import ray
 
     for attempt in range(1, attempts + 1):
+        before = _child_pids()
         try:
             ray.init(**kwargs)
             return
@@ -42,6 +47,47 @@ def start_local_ray(attempts: int = 3, **kwargs) -> None:
                 raise
             print(f"ray start-up timed out (attempt {attempt}/{attempts}); retrying", flush=True)
             ray.shutdown()
+            _stop(_child_pids() - before)
+
+
+def _child_pids() -> set[int]:
+    """PIDs of this process's children (Linux /proc; empty elsewhere)."""
+    me, found = os.getpid(), set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me:
+            found.add(int(entry))
+    return found
+
+
+def _stop(pids: set[int], grace_s: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`, then reap."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        if sig == signal.SIGTERM:
+            time.sleep(grace_s)
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except OSError:
+            pass
 
 
 def fail(message: str, code: int = 2) -> int:

@@ -9,7 +9,13 @@ A method owns the student, any trainable adapters and, when it has one, the froz
   ignore). Returns `loss` (the total to back-propagate) and every named term, detached or not.
 - `eval_model()`: the student, unwrapped, for evaluation and export.
 - `extra_state()` / `load_extra_state()`: state outside `trainable` that must survive a resume
-  (a critic's optimizer, memory banks). Empty for the simple methods.
+  (a critic's optimizer, memory banks, an EMA teacher). Empty for the simple methods.
+- `after_step()` (optional): called by the loop after every optimizer step (the semi-supervised
+  methods update their EMA teacher there).
+
+Semi-supervised methods (components/semisup/method.py) also get the unlabeled batch in the same
+dict, its keys prefixed `u_`: `u_image` (weak view), `u_image_strong`, `u_area` (False on crop
+padding), `u_valid`, and `u_mask` (diagnostics only).
 """
 
 from __future__ import annotations

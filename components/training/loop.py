@@ -1,6 +1,8 @@
 """The per-worker training loop run by every Ray Train worker (any method, any regime).
 
-Each epoch: train on this worker's even split of `train` for exactly `steps_per_epoch` steps,
+Each epoch: train on this worker's even split of `train` (semi-supervised runs: and of
+`unlabeled`, one batch of each per step, keys of the second prefixed `u_`) for exactly
+`steps_per_epoch` steps (a method's optional `after_step()` runs after each optimizer step),
 evaluate on its part of `val` (confusion matrices summed across workers), then every worker calls
 `ray.train.report` once; rank 0 attaches a checkpoint with the full training state. A restarted
 worker group, or the same command run again, resumes from `ray.train.get_checkpoint()`.
@@ -52,8 +54,15 @@ def _distributed() -> bool:
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum across workers, in place. NCCL only reduces CUDA tensors, so a CPU tensor (step
+    counts, loss sums) makes the round trip through the worker's GPU."""
     if _distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            on_gpu = t.to(ray.train.torch.get_device())
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            t.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
@@ -84,6 +93,24 @@ def _next_batch(streams: dict) -> dict | None:
             return None
         batch.update({prefix + k: v for k, v in part.items()})
     return batch
+
+
+def _mean_terms(sums: dict[str, float], reported: dict[str, int], world: int) -> dict:
+    """Each term's mean over the steps (of all workers) that reported it. A diagnostic that only
+    some steps give (e.g. `pseudo_acc`) is averaged over those; the names are gathered first, so
+    workers whose sets differ still all-reduce the same vector."""
+    names = sorted(sums)
+    if _distributed():
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, names)
+        names = sorted(set().union(*gathered))
+    if not names:
+        return {}
+    table = torch.tensor(
+        [[sums.get(k, 0.0), float(reported.get(k, 0))] for k in names], dtype=torch.float64
+    )
+    table = _all_reduce_sum(table)
+    return {k: float(total) / max(1.0, float(n)) for k, (total, n) in zip(names, table.tolist())}
 
 
 def _progress_metrics(progress: dict) -> dict:
@@ -198,6 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(progress["epoch"], t.epochs):
         method.trainable.train()
         sums: dict[str, float] = defaultdict(float)
+        reported: dict[str, int] = defaultdict(int)  # steps that gave each term
         steps, wait_s, bad_rows, seen_rows = 0, 0.0, 0, 0
         streams = {"": iter(train_shard.iter_torch_batches(dtypes=TRAIN_DTYPES, **iter_args))}
         if unlabeled_shard is not None:
@@ -234,6 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
             progress["iteration"] += 1
             for name, value in terms.items():
                 sums[name] += float(value.detach())
+                reported[name] += 1
             if progress["iteration"] % t.log_every == 0:
                 shown = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in terms.items())
                 _print0(
@@ -265,10 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
         confusion = evaluate(method.eval_model())
         eval_s = time.perf_counter() - t_eval
         mean_iou, _ = miou(confusion)
-        totals = _all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
-        terms_mean = {
-            k: float(v) / max(1.0, float(counts[0])) for k, v in zip(sorted(sums), totals)
-        }
+        terms_mean = _mean_terms(sums, reported, world)
 
         progress["epoch"] = epoch + 1
         if mean_iou > progress["best_miou"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -39,75 +40,86 @@ def _run(storage, prefix: str):
 
 
 @pytest.mark.slow
-def test_comparison_then_resume_with_the_same_ema_teacher(
+def test_two_workers_labeled_count_then_resume_with_the_same_ema_teacher(
     ray_session, semisup_data, tiny_overrides, tmp_path, capsys
 ):
     storage = tmp_path / "out"
-    args = _args(tiny_overrides, semisup_data, storage)
-    assert semisup.main(["--baselines", *args]) == 0
-    out = capsys.readouterr().out
-    assert "8 labeled rows ('train'), 24 unlabeled rows ('unlabeled'); 6 steps per epoch" in out
-    for label in ("supervised only", "base (fixmatch)", "base + cross_image"):
-        assert label in out, label
-
-    # Every run made the same number of steps: 24 unlabeled rows / batch 4 = 6 per epoch; the
-    # supervised-only run needs 3 epochs of its 8 labeled rows for that.
-    runs = {
-        p: _run(storage, p)
-        for p in ("semisup-supervised-none", "semisup-fixmatch", "semisup-cross_image")
+    extra = {
+        # 4 of the 8 'train' rows keep their labels; the unlabeled stream is the 24 'unlabeled'
+        # rows plus the other 4 'train' rows: (28 // 2 workers) // batch 2 = 7 steps per epoch.
+        "data.labeled_count": "4",
+        "data.batch_size": "2",
+        "trainer.num_workers": "2",
     }
-    for prefix, run in runs.items():
-        assert read_meta(resolve_checkpoint(run))["progress"]["iteration"] == 6, prefix
-    run = runs["semisup-cross_image"]
+    args = _args(tiny_overrides, semisup_data, storage, **extra)
+    assert semisup.main(args) == 0
+    out = capsys.readouterr().out
+    expected = "4 labeled rows ('train'), 28 unlabeled rows ('unlabeled' + the rest of 'train')"
+    assert f"{expected}; 7 steps per epoch" in out
+    run = _run(storage, "semisup-cross_image")
     meta = read_meta(resolve_checkpoint(run))
     m = meta["metrics"]
-    for term in ("ce", "unsup", "relation", "style", "confident_share", "pseudo_acc"):
+    assert meta["progress"]["iteration"] == 7 and m["world_size"] == 2 and m["bad_rows"] == 0
+    for term in ("ce", "unsup", "relation", "style", "confident_share"):
         assert term in m, term
-    assert 0.0 < m["confident_share"] <= 1.0 and 0.0 <= m["miou"] <= 1.0
-    assert "relation" not in read_meta(resolve_checkpoint(runs["semisup-fixmatch"]))["metrics"]
+    assert 0.0 <= m["confident_share"] <= 1.0 and 0.0 <= m["miou"] <= 1.0
     first, _ = load_full_state(resolve_checkpoint(run))
-    assert first["method"]["ema"]["updates"] == 6
+    assert first["method"]["ema"]["updates"] == 7
     ema_1 = first["method"]["ema"]["model"]
 
-    # evaluate.py reads the checkpoint and agrees with the workers' metric.
+    # evaluate.py reads the checkpoint and agrees with the workers' all-reduced metric.
     assert evaluate.main(["--checkpoint", str(run), "--data", semisup_data]) == 0
     shown = float(re.search(r"mIoU\s+([0-9.]+)", capsys.readouterr().out).group(1))
     assert shown == pytest.approx(100 * m["miou"], abs=0.01)
 
     # The same command with one more epoch resumes the run: the EMA teacher comes back from
-    # the checkpoint (its update count continues from 6, its weights move on from epoch 1's).
+    # the checkpoint (its update count continues from 7, its weights move on from epoch 1's).
     assert semisup.main([*args, "trainer.epochs=2"]) == 0
     out = capsys.readouterr().out
-    assert "resumed from checkpoint: epoch 1, iteration 6" in out
+    assert "resumed from checkpoint: epoch 1, iteration 7" in out
     second, _ = load_full_state(resolve_checkpoint(run))
-    assert second["progress"]["iteration"] == 12
-    assert second["method"]["ema"]["updates"] == 12
+    assert second["progress"]["iteration"] == 14
+    assert second["method"]["ema"]["updates"] == 14
     assert second["method"]["style_memory"]["mean"] is not None
-    moved = [not torch.equal(ema_1[k], second["method"]["ema"]["model"][k]) for k in ema_1]
-    assert any(moved)
+    assert any(not torch.equal(ema_1[k], second["method"]["ema"]["model"][k]) for k in ema_1)
 
 
-@pytest.mark.slow
-def test_two_workers_labeled_count_splits_one_dataset(
-    ray_session, semisup_data, tiny_overrides, tmp_path, capsys
-):
-    storage = tmp_path / "out"
-    extra = {
-        "data.labeled_count": "4",
-        "data.unlabeled_split": "none",  # the unlabeled stream is the other 4 'train' rows
-        "data.batch_size": "2",
-        "method.name": "fixmatch",
-        "trainer.num_workers": "2",
-    }
-    assert semisup.main(_args(tiny_overrides, semisup_data, storage, **extra)) == 0
-    out = capsys.readouterr().out
-    assert (
-        "4 labeled rows ('train'), 4 unlabeled rows (the rest of 'train'); 1 steps per epoch" in out
+def test_comparison_runs_as_many_steps():
+    """--baselines / the embedded default: supervised-only repeats the labeled rows per epoch."""
+    from pipelines.semisup import comparison, default_config
+
+    cfg = default_config()  # 64 labeled, 448 unlabeled, batch 8: 56 steps per epoch
+    runs = dict(comparison(cfg, labeled_rows=64, steps_per_epoch=56))
+    assert list(runs) == ["supervised only", "base (fixmatch)", "base + cross_image"]
+    sup = runs["supervised only"]
+    assert sup.method.name == "none" and sup.data.train_repeat == 7  # 7 x 64 / 8 = 56 steps
+    assert sup.trainer.epochs == cfg.trainer.epochs
+    assert runs["base (fixmatch)"].method.name == "fixmatch"
+    assert runs["base + cross_image"] is cfg
+    only_base = comparison(
+        dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="fixmatch")), 64, 56
     )
-    meta = read_meta(resolve_checkpoint(_run(storage, "semisup-fixmatch")))
-    assert meta["progress"]["iteration"] == 1 and meta["metrics"]["world_size"] == 2
-    # The two streams together: 2 workers x (2 labeled + 2 unlabeled) rows, none bad.
-    assert meta["metrics"]["bad_rows"] == 0
+    assert [label for label, _ in only_base] == ["supervised only", "base (fixmatch)"]
+
+
+def test_report_table():
+    from components.training.trainer import Outcome
+    from pipelines.semisup import report
+
+    m = {"miou": 0.5, "best_miou": 0.55, "best_epoch": 2, "iteration": 12}
+    semi = {**m, "confident_share": 0.25, "pseudo_acc": 0.9}
+    text = report(
+        [
+            ("supervised only", None, "a", Outcome("a", m, None, 10.0)),
+            ("base + cross_image", None, "b", Outcome("b", semi, None, 20.0)),
+        ],
+        "/runs",
+        31.0,
+    )
+    lines = text.splitlines()
+    assert lines[1].split() == ["supervised", "only", "50.00", "55.00", "(2)", "12", "-", "-", "10"]
+    assert lines[2].split()[3:] == ["50.00", "55.00", "(2)", "12", "25.00", "90.00", "20"]
+    assert "wall time 31 s" in text and "base + cross_image: /runs/b" in text
 
 
 def test_bad_inputs_fail_before_training(
