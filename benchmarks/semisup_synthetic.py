@@ -52,8 +52,8 @@ DEFAULTS = [
 ]
 
 
-def _batches(rows: dict, cfg: Config, seed: int, decode, **kwargs):
-    d, rng = cfg.data, np.random.default_rng(seed)
+def _batches(rows: dict, cfg: Config, order_seed: int, decode, **kwargs):
+    d, rng = cfg.data, np.random.default_rng(order_seed)
     n = len(rows["id"])
     epoch = 0
     while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,13 +26,19 @@ def semisup_data(tmp_path_factory):
 
 
 def _args(tiny_overrides, root: str, storage, **extra: str) -> list[str]:
-    # threshold 0.3: a barely trained 4-class teacher is rarely 95% sure; this exercises `unsup`.
+    """One run (a --config: no baselines) of the tiny dataset. Threshold 0.3: a barely trained
+    4-class teacher is rarely 95% sure; this exercises `unsup`."""
     extra = {
         "method.semisup.threshold": "0.3",
         "method.semisup.style_memory_momentum": "0.9",
         **extra,
     }
-    return [a for a in tiny_overrides(root, str(storage), **extra) if not a.startswith("teacher.")]
+    overrides = tiny_overrides(root, str(storage), **extra)
+    return [
+        "--config",
+        str(Path(__file__).parents[2] / "configs" / "cross_image_synthetic.yaml"),
+        *[a for a in overrides if not a.startswith("teacher.")],
+    ]
 
 
 def _run(storage, prefix: str):
