@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_methods import Data
+from synthetic_methods import Data, timed_step
 
 from components.config import Config, merge_config
 from components.data.ingest import labeled_selection
@@ -106,17 +106,7 @@ def run(cfg: Config, data: Data, labeled: dict, unlabeled: dict, iters: int, see
                     for key in ("image", "image_strong", "area", "mask", "valid")
                 }
             )
-        t0 = time.perf_counter()
-        terms = method.training_step(batch)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        scheduler.step()
-        if semi:
-            method.after_step()
-        step_s.append(time.perf_counter() - t0)
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        step_s.append(timed_step(method, optimizer, scheduler, batch, sums))
     return {
         "miou": data.val_miou(method.eval_model()),
         "step_ms": 1000 * sorted(step_s)[len(step_s) // 4],

@@ -105,6 +105,23 @@ class Data:
         return miou(predict_confusion(model, batches, self.info.num_classes))[0]
 
 
+def timed_step(method, optimizer, scheduler, batch: dict, sums: dict) -> float:
+    """One optimizer step (and the method's `after_step`, when it has one); adds each term to
+    `sums`; returns the step's wall time (the bookkeeping after it excluded)."""
+    t0 = time.perf_counter()
+    terms = method.training_step(batch)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    scheduler.step()
+    if hasattr(method, "after_step"):
+        method.after_step()
+    elapsed = time.perf_counter() - t0
+    for name, value in terms.items():
+        sums[name] = sums.get(name, 0.0) + float(value.detach())
+    return elapsed
+
+
 def train(
     cfg: Config,
     data: Data,
@@ -128,16 +145,7 @@ def train(
     step_s, sums = [], {}
     method.trainable.train()
     for _ in range(iters):
-        batch = next(batches)
-        t0 = time.perf_counter()
-        terms = method.training_step(batch)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        scheduler.step()
-        step_s.append(time.perf_counter() - t0)
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        step_s.append(timed_step(method, optimizer, scheduler, next(batches), sums))
     model = method.eval_model()
     return {
         "miou": data.val_miou(model),

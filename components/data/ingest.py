@@ -212,15 +212,11 @@ def plan_semisup(data: DataConfig, info: DatasetInfo) -> SemiSupPlan:
     if rows == 0:
         raise DatasetError(f"{root}: the labeled split '{data.train_split}' is empty (0 rows)")
     count = data.labeled_count
-    if count is not None and count > rows:
-        raise DatasetError(
-            f"data.labeled_count={count} but {root} split '{data.train_split}' has only {rows} rows"
-        )
+    ids, labeled = labeled_selection(data, info)  # raises when count > rows
     has_unlabeled = (
         data.unlabeled_split in info.splits and info.splits[data.unlabeled_split].rows > 0
     )
-    extra = 0 if count is None else rows - count
-    unlabeled = (info.splits[data.unlabeled_split].rows if has_unlabeled else 0) + extra
+    unlabeled = (info.splits[data.unlabeled_split].rows if has_unlabeled else 0) + rows - labeled
     if unlabeled == 0:
         raise DatasetError(
             f"no unlabeled images: {root}/dataset.json has no non-empty split "
@@ -229,7 +225,6 @@ def plan_semisup(data: DataConfig, info: DatasetInfo) -> SemiSupPlan:
             "pipelines/prepare_data.py --labeled N, or set data.labeled_count below "
             f"{rows}"
         )
-    ids, labeled = labeled_selection(data, info)
     return SemiSupPlan(labeled, unlabeled, ids, has_unlabeled)
 
 
