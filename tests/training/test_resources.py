@@ -80,7 +80,7 @@ def test_fixed_cluster_fails_after_the_wait(monkeypatch):
     start = time.monotonic()
     with pytest.raises(ConfigError) as e:
         wait_for_resources(_gpu(1), wait_s=0.5, log=logged.append, poll_s=0.1)
-    assert 0.5 <= time.monotonic() - start < 3
+    assert 0.5 <= time.monotonic() - start < 60  # gave up on its own (loose: CI machines stall)
     assert "needs 1 CPU, 1 GPU" in str(e.value) and "has 2 CPU, 0 GPU" in str(e.value)
     assert "waited 0.5 s" in str(e.value)
     assert len(logged) == 1 and len(calls) >= 2  # polled again before giving up
@@ -99,7 +99,7 @@ def test_autoscaling_cluster_is_not_waited_on(monkeypatch):
     wait_for_resources(_gpu(4), wait_s=30, log=lambda m: None)  # the autoscaler adds nodes
     with pytest.raises(ConfigError, match="has at most 64 CPU, 8 GPU"):
         wait_for_resources(_gpu(16), wait_s=30, log=lambda m: None)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 25  # well under one 30 s wait: nothing was waited for
 
 
 def test_capacity_of_an_autoscaling_cluster_is_its_maximum(monkeypatch):

