@@ -21,11 +21,15 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-HEADS = ("deeplabv3", "pspnet")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+MITS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
+BACKBONES = RESNETS + MITS
+HEADS = ("deeplabv3", "pspnet", "segformer")
 SUPERVISED_METHODS = ("none", "kd", "cwd", "skd", "adversarial", "cirkd", "sstkd")
 SEMISUP_METHODS = ("fixmatch", "cross_image")
-METHODS = SUPERVISED_METHODS + SEMISUP_METHODS
+WEAKLY_METHODS = ("tscd",)
+METHODS = SUPERVISED_METHODS + SEMISUP_METHODS + WEAKLY_METHODS
+REFINEMENTS = ("varm", "plain", "none")
 STRONG_AUGMENTATIONS = ("colour_jitter", "grayscale", "blur", "cutmix")
 
 
@@ -81,9 +85,15 @@ class ModelConfig:
     backbone: str = "resnet18"
     head: str = "deeplabv3"
     width: float = 1.0  # channel multiplier of backbone and head (0.25 for CPU tests)
-    output_stride: int = 8
-    aux_head: bool = True
-    pretrained: str | None = None  # local torchvision-format ResNet state_dict (backbone only)
+    output_stride: int = 8  # ResNet: 8 or 16; MiT: 8, 16 (AFA/TSCD) or 32 (SegFormer)
+    aux_head: bool = True  # ResNet heads only
+    # Local pretrained backbone weights: a torchvision-format ResNet state_dict, or a SegFormer
+    # ImageNet release (mit_b*.pth) for MiT backbones.
+    pretrained: str | None = None
+    # Weakly supervised networks (MiT + SegFormer): the image-level classifier (1x1 conv, no bias,
+    # global max pooling) and the affinity head on the last stage's attention maps.
+    cls_head: bool = False
+    drop_path: float = 0.1  # MiT stochastic depth rate
 
 
 @dataclass
@@ -115,6 +125,10 @@ class MethodWeights:
     unsup: float = 1.0  # semi-supervised: CE on the EMA teacher's confident pseudo labels
     relation: float = 1.0  # cross-image relation distillation (inter-channel, labeled x unlabeled)
     style: float = 0.1  # cross-image style distillation (feature statistics)
+    cls: float = 1.0  # weakly supervised: multi-label soft margin on the image-level labels
+    seg: float = 0.1  # weakly supervised: CE on the refined CAM pseudo labels
+    aff: float = 0.1  # weakly supervised: affinity from attention vs pseudo-label affinity
+    scd: float = 0.1  # self correspondence distillation
     sta: float = 1.0  # SSTKD statistical texture (DTIEM)
     str: float = 1.0  # SSTKD structural texture (CDM); last, as the name shadows the builtin
 
@@ -175,6 +189,24 @@ class SemiSupConfig:
 
 
 @dataclass
+class WeaklyConfig:
+    """TSCD / AFA weakly supervised segmentation from image-level labels (METHODS.md §2)."""
+
+    cam_scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5])  # first must be 1
+    cam_flip: bool = True
+    high_threshold: float = 0.55  # background score of the confident pseudo label
+    low_threshold: float = 0.35  # background score of the permissive one; between: ignore
+    refine: str = "varm"  # varm (TSCD), plain (AFA-style, appearance only) or none
+    refine_iterations: int = 10
+    refine_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+    variation_weight: float = 0.01  # VARM's weight of the variation softmax
+    affinity_radius: int = 8  # feature-map pixels
+    scd_scale: float = 0.3  # the second view of SCD: the image downscaled by this factor
+    scd_points: int = 1600  # points sampled per view (40 x 40)
+    warmup_iters: int = 2000  # classification loss only before this iteration
+
+
+@dataclass
 class MethodConfig:
     name: str = "sstkd"
     temperature: float = 1.0  # pixel-wise KD temperature
@@ -186,11 +218,14 @@ class MethodConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     cirkd: CIRKDConfig = field(default_factory=CIRKDConfig)
     semisup: SemiSupConfig = field(default_factory=SemiSupConfig)
+    weakly: WeaklyConfig = field(default_factory=WeaklyConfig)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.02
+    name: str = "sgd"  # sgd or adamw
+    lr: float = 0.02  # of the backbone; the heads get lr * head_lr_mult
+    head_lr_mult: float = 1.0  # 10 in TSCD/AFA (backbone 6e-5, heads 6e-4)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
@@ -299,7 +334,26 @@ def _validate_model(m: ModelConfig, prefix: str) -> None:
     _check(m.backbone in BACKBONES, f"{prefix}.backbone", f"'{m.backbone}' not one of {BACKBONES}")
     _check(m.head in HEADS, f"{prefix}.head", f"'{m.head}' not one of {HEADS}")
     _check(0 < m.width <= 4, f"{prefix}.width", f"must be in (0, 4], got {m.width}")
-    _check(m.output_stride in (8, 16), f"{prefix}.output_stride", "must be 8 or 16")
+    if m.backbone in MITS:
+        _check(
+            m.head == "segformer",
+            f"{prefix}.head",
+            f"MiT backbones take the segformer head, got '{m.head}'",
+        )
+        _check(m.output_stride in (8, 16, 32), f"{prefix}.output_stride", "must be 8, 16 or 32")
+    else:
+        _check(
+            m.head != "segformer",
+            f"{prefix}.head",
+            f"the segformer head needs a MiT backbone ({', '.join(MITS)}), got '{m.backbone}'",
+        )
+        _check(
+            not m.cls_head,
+            f"{prefix}.cls_head",
+            "the classifier/affinity heads are built on MiT backbones only",
+        )
+        _check(m.output_stride in (8, 16), f"{prefix}.output_stride", "must be 8 or 16")
+    _check(0 <= m.drop_path < 1, f"{prefix}.drop_path", "must be in [0, 1)")
     if m.pretrained is not None:
         _check(Path(m.pretrained).is_file(), f"{prefix}.pretrained", f"no file {m.pretrained}")
 
@@ -381,12 +435,15 @@ def validate(cfg: Config) -> None:
         "must be embed, high or low",
     )
     _check(ss.evaluate in ("student", "ema"), "method.semisup.evaluate", "must be student or ema")
+    _validate_weakly(cfg)
     if d.labeled_count is not None:
         _check(d.labeled_count >= 1, "data.labeled_count", f"must be >= 1, got {d.labeled_count}")
     _check(d.train_repeat >= 1, "data.train_repeat", f"must be >= 1, got {d.train_repeat}")
     if d.unlabeled_batch_size is not None:
         _check(d.unlabeled_batch_size >= 1, "data.unlabeled_batch_size", "must be >= 1")
+    _check(o.name in ("sgd", "adamw"), "optim.name", f"'{o.name}' not sgd or adamw")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.head_lr_mult > 0, "optim.head_lr_mult", f"must be > 0, got {o.head_lr_mult}")
     _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.poly_power >= 0, "optim.poly_power", "must be >= 0")
@@ -402,6 +459,49 @@ def validate(cfg: Config) -> None:
     _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
     if t.name is not None:
         _check(t.name != "" and "/" not in t.name, "trainer.name", "must be a plain folder name")
+
+
+def _validate_weakly(cfg: Config) -> None:
+    w = cfg.method.weakly
+    if cfg.model.cls_head:
+        # Other methods never train the classifier and affinity heads (DDP would fail on them).
+        _check(
+            cfg.method.name in WEAKLY_METHODS,
+            "model.cls_head",
+            f"the classifier/affinity heads are for {WEAKLY_METHODS}, not '{cfg.method.name}'",
+        )
+    if cfg.method.name in WEAKLY_METHODS:
+        _check(
+            cfg.model.backbone in MITS and cfg.model.cls_head,
+            "model.cls_head",
+            f"method '{cfg.method.name}' needs a MiT backbone with model.cls_head=true "
+            f"(got backbone {cfg.model.backbone}, cls_head {cfg.model.cls_head})",
+        )
+    _check(
+        len(w.cam_scales) >= 1 and w.cam_scales[0] == 1.0,
+        "method.weakly.cam_scales",
+        f"the first scale must be 1.0 (it sets the CAM size), got {w.cam_scales}",
+    )
+    _check(all(s > 0 for s in w.cam_scales), "method.weakly.cam_scales", "scales must be > 0")
+    _check(
+        0 < w.low_threshold <= w.high_threshold < 1,
+        "method.weakly.low_threshold",
+        f"need 0 < low <= high < 1, got low {w.low_threshold}, high {w.high_threshold}",
+    )
+    _check(
+        w.refine in REFINEMENTS, "method.weakly.refine", f"'{w.refine}' not one of {REFINEMENTS}"
+    )
+    _check(w.refine_iterations >= 1, "method.weakly.refine_iterations", "must be >= 1")
+    _check(
+        len(w.refine_dilations) >= 1 and all(d >= 1 for d in w.refine_dilations),
+        "method.weakly.refine_dilations",
+        "need at least one dilation, each >= 1",
+    )
+    _check(0 <= w.variation_weight < 1, "method.weakly.variation_weight", "must be in [0, 1)")
+    _check(w.affinity_radius >= 1, "method.weakly.affinity_radius", "must be >= 1")
+    _check(0 < w.scd_scale < 1, "method.weakly.scd_scale", "must be in (0, 1)")
+    _check(w.scd_points >= 1, "method.weakly.scd_points", "must be >= 1")
+    _check(w.warmup_iters >= 0, "method.weakly.warmup_iters", "must be >= 0")
 
 
 def validate_against_dataset(cfg: Config, num_classes: int, source: str) -> None:
@@ -468,6 +568,7 @@ __all__ = [
     "SyntheticConfig",
     "TeacherConfig",
     "TrainerConfig",
+    "WeaklyConfig",
     "fingerprint",
     "from_dict",
     "load_config",

@@ -4,6 +4,7 @@ import pytest
 
 from components.config import (
     SEMISUP_METHODS,
+    WEAKLY_METHODS,
     Config,
     ConfigError,
     fingerprint,
@@ -62,11 +63,25 @@ def test_wrong_type_named():
         ("method.cdm.directions=6", "method.cdm.directions"),
         ("method.weights.str=-1", "method.weights.str"),
         ("method.adversarial.critic_lr=0", "method.adversarial.critic_lr"),
+        ("model.backbone=mit_b1", "model.head"),  # MiT needs the segformer head
+        ("model.head=segformer", "model.head"),  # and the segformer head a MiT
+        ("model.cls_head=true", "model.cls_head"),
+        ("method.name=tscd", "model.cls_head"),
+        (
+            ["model.backbone=mit_b0", "model.head=segformer", "model.cls_head=true"],
+            "model.cls_head",
+        ),
+        ("method.weakly.cam_scales=[0.5,1.0]", "method.weakly.cam_scales"),
+        ("method.weakly.low_threshold=0.6", "method.weakly.low_threshold"),
+        ("method.weakly.refine=crf", "method.weakly.refine"),
+        ("method.weakly.scd_scale=1.5", "method.weakly.scd_scale"),
+        ("optim.name=adam", "optim.name"),
+        ("optim.head_lr_mult=0", "optim.head_lr_mult"),
     ],
 )
 def test_impossible_values_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config([override])
+        load_config(override if isinstance(override, list) else [override])
 
 
 def test_num_classes_must_match_dataset():
@@ -103,9 +118,29 @@ def test_shipped_configs_validate():
         cfg = load_config(["--config", str(path), "model.pretrained=null"])
         header = path.read_text().split("\n# ", 1)[1]
         script = "semisup.py" if cfg.method.name in SEMISUP_METHODS else "distill.py"
+        if cfg.method.name in WEAKLY_METHODS:
+            script = "wsss.py"
         assert f"pipelines/{script} --config configs/{path.name}" in header, path.name
         if "cityscapes" in path.name:
             assert cfg.data.num_classes == 19 and cfg.trainer.use_gpu, path.name
+
+
+def test_wsss_synthetic_config_is_the_embedded_default():
+    from pipelines.wsss import default_config
+
+    shipped = load_config(["--config", "configs/tscd_synthetic.yaml"])
+    assert shipped == merge_config(None, [], default_config())
+
+
+def test_tscd_voc_protocol():
+    voc = load_config(["--config", "configs/tscd_voc_mitb1.yaml", "model.pretrained=null"])
+    o, w = voc.optim, voc.method.weakly
+    assert (o.name, o.lr, o.weight_decay) == ("adamw", 6e-5, 0.01)
+    assert o.lr * o.head_lr_mult == pytest.approx(6e-4)
+    assert voc.data.batch_size * voc.trainer.num_workers == 4
+    assert abs((10582 // 2 // 2) * voc.trainer.epochs - 20_000) < 1_500
+    assert (w.high_threshold, w.low_threshold, w.scd_scale, w.scd_points) == (0.55, 0.35, 0.3, 1600)
+    assert voc.model.output_stride == 16 and voc.model.backbone == "mit_b1"
 
 
 def test_semisup_synthetic_config_is_the_embedded_default():

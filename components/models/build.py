@@ -6,16 +6,22 @@
     out["features"]["low" | "high" | "embed"]
     out["aux_logits"]                       # (B, K, H/OS, W/OS), training mode with an aux head only
 
+MiT backbones take the SegFormer head (`SegFormerModel`): logits at stride 4, and with
+`cls_head` the weakly supervised outputs `cls_logits` and (training) `attn_pred`.
+
 Logits stay at the backbone's output stride: callers upsample them (to the label size for the
 loss, to the image size for evaluation), so distillation losses can compare maps at that size.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.config import BACKBONES, HEADS, ModelConfig
-from components.models.heads import DeepLabV3Head, FCNAuxHead, PSPHead
+from components.config import BACKBONES, HEADS, MITS, ModelConfig
+from components.models.heads import DeepLabV3Head, FCNAuxHead, PSPHead, SegFormerHead
+from components.models.mit import MixVisionTransformer, build_mit, load_pretrained_mit
 from components.models.resnet import BasicBlock, Bottleneck, ResNet, load_pretrained_backbone
 
 _REPORT_NAMES = 10
@@ -63,6 +69,75 @@ class SegmentationModel(nn.Module):
         return out
 
 
+MIT_STRIDES = {8: (4, 2, 1, 1), 16: (4, 2, 2, 1), 32: (4, 2, 2, 2)}
+
+
+class SegFormerModel(nn.Module):
+    """MiT encoder + SegFormer MLP head, optionally with the weakly supervised heads of AFA/TSCD.
+
+    forward(images) -> {"logits": (B, K, H/4, W/4), "features": {"low": stage-1 map (stride 4),
+    "high": stage-4 map (B, C4, h, w), "embed": the fused decoder map}} and, with `cls_head`:
+    - "cls_logits" (B, K-1): the classifier (1x1 conv C4 -> K-1, no bias) on the globally
+      max-pooled stage-4 map (AFA's order: pool, then classify), one logit per foreground class;
+    - "attn_pred" (B, N, N), training mode only, N = h*w: the affinity predicted from the
+      attention maps of the last two stage-4 blocks (symmetrised, 1x1 conv, sigmoid).
+    `cam(images)` gives the raw class activation maps (B, K-1, h, w) of the same classifier.
+    """
+
+    def __init__(
+        self,
+        backbone: MixVisionTransformer,
+        head: SegFormerHead,
+        num_classes: int,
+        cls_head: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.name = type(self).__name__
+        self.output_stride = backbone.strides[0]  # of the logits
+        c4 = backbone.out_channels[3]
+        self.feature_channels = {
+            "low": backbone.out_channels[0],
+            "high": c4,
+            "embed": head.channels,
+        }
+        self.classifier: nn.Conv2d | None = None
+        self.attn_proj: nn.Conv2d | None = None
+        if cls_head:
+            # PyTorch's default init (as AFA): logits of order 1 on LayerNorm-ed features.
+            self.classifier = nn.Conv2d(c4, num_classes - 1, 1, bias=False)
+            attn_channels = backbone.num_heads[3] * min(2, backbone.depths[3])
+            self.attn_proj = nn.Conv2d(attn_channels, 1, 1)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
+        want_attention = self.classifier is not None and self.training
+        feats, attns = self.backbone(images, need_weights=want_attention)
+        embed, logits = self.head(feats)
+        out: dict[str, Tensor | dict[str, Tensor]] = {
+            "logits": logits,
+            "features": {"low": feats[0], "high": feats[3], "embed": embed},
+        }
+        if self.classifier is not None:
+            pooled = F.adaptive_max_pool2d(feats[3], 1)
+            out["cls_logits"] = self.classifier(pooled).flatten(1)
+            if want_attention:
+                attn = torch.cat(attns[-2:], dim=1).float()
+                attn = attn + attn.transpose(-1, -2)
+                # fp32 under autocast: bf16 would quantise affinities near 0 and 1.
+                with torch.autocast(attn.device.type, enabled=False):
+                    out["attn_pred"] = torch.sigmoid(self.attn_proj(attn))[:, 0]
+        return out
+
+    def cam(self, images: Tensor) -> Tensor:
+        """Raw class activation maps (B, K-1, h, w): the classifier on the stage-4 map."""
+        if self.classifier is None:
+            raise ValueError("this model has no image-level classifier (model.cls_head=false)")
+        feats, _ = self.backbone(images, need_weights=False)
+        return F.conv2d(feats[3], self.classifier.weight)
+
+
 def _scaled(channels: int, width: float, minimum: int) -> int:
     return max(minimum, round(channels * width))
 
@@ -91,12 +166,30 @@ def _print_report(path: str, report: dict[str, list[str]]) -> None:
             print(f"  {kind}: {', '.join(keys[:_REPORT_NAMES])}{more}")
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> SegmentationModel:
+def _build_segformer(cfg: ModelConfig, num_classes: int) -> SegFormerModel:
+    if cfg.head != "segformer":
+        raise ValueError(f"head: MiT backbones take the segformer head, got '{cfg.head}'")
+    if cfg.output_stride not in MIT_STRIDES:
+        raise ValueError(
+            f"output_stride: MiT supports {sorted(MIT_STRIDES)}, got {cfg.output_stride}"
+        )
+    encoder = build_mit(cfg.backbone, cfg.width, MIT_STRIDES[cfg.output_stride], cfg.drop_path)
+    if cfg.pretrained:
+        _print_report(cfg.pretrained, load_pretrained_mit(encoder, cfg.pretrained))
+    head = SegFormerHead(encoder.out_channels, num_classes, _scaled(256, cfg.width, 16))
+    model = SegFormerModel(encoder, head, num_classes, cfg.cls_head)
+    model.name = f"segformer-{cfg.backbone} x{cfg.width:g}"
+    return model
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> SegmentationModel | SegFormerModel:
     """The network described by `cfg`, with `cfg.pretrained` loaded into its backbone when set.
 
     Raises ValueError naming the field for an unknown backbone or head, or naming the file
     when the pretrained weights cannot be loaded.
     """
+    if cfg.backbone in MITS:
+        return _build_segformer(cfg, num_classes)
     backbone = build_backbone(cfg.backbone, cfg.width, cfg.output_stride)
     in_channels = backbone.out_channels["layer4"]
     match cfg.head:

@@ -4,6 +4,9 @@ the FCN auxiliary head on layer3.
     head = DeepLabV3Head(in_channels=2048, num_classes=19, channels=256, rates=(12, 24, 36))
     embed, logits = head(feats["layer4"])      # both at the input map's resolution
 
+    head = SegFormerHead(in_channels=mit.out_channels, num_classes=19, embed_dim=256)
+    embed, logits = head(mit_feats)            # the four MiT maps; outputs at stride 4
+
 The main heads return `(embed, logits)`: `embed` is the map right before the classifier, which
 feature distillation methods use. Global (1x1) pooled branches carry a conv bias and no
 BatchNorm, because BatchNorm on a (B, C, 1, 1) map fails in training when a worker gets B = 1.
@@ -165,3 +168,68 @@ class FCNAuxHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, in_channels, h, w) -> logits (B, K, h, w)."""
         return self.classifier(self.dropout(self.conv(x)))
+
+
+class MLP(nn.Module):
+    """A per-pixel linear projection (SegFormer's `MLP`, key `proj`): (B, C, h, w) ->
+    (B, embed_dim, h, w). Applied as a 1x1 conv with the Linear's weights, which equals
+    SegFormer's flatten -> Linear -> reshape without the token-layout copies."""
+
+    def __init__(self, input_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(input_dim, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, input_dim, h, w) -> (B, embed_dim, h, w)."""
+        return F.conv2d(x, self.proj.weight[:, :, None, None], self.proj.bias)
+
+
+class _ConvBNReLU(nn.Module):
+    """1x1 conv (no bias), BatchNorm, ReLU under mmcv ConvModule's names `conv` and `bn`."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+class SegFormerHead(nn.Module):
+    """SegFormer's all-MLP decoder (Xie et al., NeurIPS 2021) on the four MiT stage maps.
+
+    Each map is projected to `embed_dim` per pixel (`linear_c1` ... `linear_c4`), c2-c4 are
+    upsampled bilinearly to c1's size, the four are concatenated in the order c4, c3, c2, c1 and
+    fused by a 1x1 conv + BN + ReLU (`linear_fuse`, -> embed), then Dropout2d(0.1) (as mmseg's
+    decode heads) and a 1x1 classifier (`linear_pred`). Names follow the NVlabs / AFA code, so
+    their decoder weights load. in_channels: the four stage channels (MiT's `out_channels`);
+    embed_dim: 256 for B0, 768 for B1-B5 in SegFormer (AFA uses 256).
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256) -> None:
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f"SegFormerHead takes 4 input maps, got in_channels {in_channels}")
+        self.channels = embed_dim
+        for i, cin in enumerate(in_channels, start=1):
+            setattr(self, f"linear_c{i}", MLP(cin, embed_dim))
+        self.linear_fuse = _ConvBNReLU(4 * embed_dim, embed_dim)
+        self.dropout = nn.Dropout2d(0.1)
+        self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
+        init_weights(self)  # convs and BN; the Linears keep PyTorch's default init, as mmseg
+        init_classifier(self.linear_pred)
+
+    def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """feats: four maps (B, in_channels[i], h_i, w_i), the first the largest (stride 4).
+        Returns embed (B, embed_dim, h_1, w_1), logits (B, K, h_1, w_1)."""
+        size = feats[0].shape[-2:]
+        projected = []
+        for i in (4, 3, 2, 1):
+            y = getattr(self, f"linear_c{i}")(feats[i - 1])
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            projected.append(y)
+        embed = self.linear_fuse(torch.cat(projected, dim=1))
+        return embed, self.linear_pred(self.dropout(embed))

@@ -200,6 +200,16 @@ def load_pretrained_backbone(backbone: nn.Module, path: str) -> dict[str, list[s
     Raises ValueError naming the file when it is unreadable, not a state dict, or shares no key
     with the model.
     """
+    return load_weights_file(backbone, path, ignore_prefix="fc.", what="the backbone")
+
+
+def load_weights_file(
+    module: nn.Module, path: str, ignore_prefix: str, what: str
+) -> dict[str, list[str]]:
+    """The loader behind the backbones' `load_pretrained_*`: read `path` (weights only), unwrap
+    and strip prefixes, drop keys starting with `ignore_prefix` (an ImageNet classifier), load
+    the tensors whose name and shape match into `module` (non-strict) and report the rest.
+    `what` names the module in errors."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zips, pickles, missing files all raise different types
@@ -207,21 +217,21 @@ def load_pretrained_backbone(backbone: nn.Module, path: str) -> dict[str, list[s
     loaded = {}
     for key, value in _unwrap(obj, path).items():
         key = _strip(key)
-        if not key.startswith("fc."):
+        if not key.startswith(ignore_prefix):
             loaded[key] = value
-    own = backbone.state_dict()
+    own = module.state_dict()
     matched = {k: v for k, v in loaded.items() if k in own and own[k].shape == v.shape}
     # Scalar BatchNorm counters match any backbone; only weights and statistics count as a match.
     if all(k.endswith("num_batches_tracked") for k in matched):
         same_names = sum(k in own and not k.endswith("num_batches_tracked") for k in loaded)
         if same_names:
             raise ValueError(
-                f"{path}: no key matches the backbone: all {same_names} shared names differ in "
-                "shape (a different backbone or width?)"
+                f"{path}: no key matches {what}: all {same_names} shared names differ in "
+                "shape (a different variant or width?)"
             )
         sample = ", ".join(list(loaded)[:5])
-        raise ValueError(f"{path}: no key matches the backbone (file has e.g. {sample})")
-    backbone.load_state_dict(matched, strict=False)
+        raise ValueError(f"{path}: no key matches {what} (file has e.g. {sample})")
+    module.load_state_dict(matched, strict=False)
     # Old torchvision files predate BatchNorm's num_batches_tracked; it does not affect eval.
     return {
         "missing": [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")],
