@@ -45,6 +45,7 @@ from components.data.transforms import (
     decode_eval_batch,
     decode_train_batch,
     decode_unlabeled_batch,
+    decode_weak_batch,
 )
 
 READ_COLUMNS = ["id", "image", "mask"]
@@ -67,12 +68,14 @@ def should_cache(data: DataConfig, split_bytes: int) -> bool:
     return split_bytes < CACHE_SHARE * store
 
 
-def _encoded_rows(root: str, split: str, seed: int | None, cache: bool) -> ray.data.Dataset:
+def _encoded_rows(
+    root: str, split: str, seed: int | None, cache: bool, columns: list[str] = READ_COLUMNS
+) -> ray.data.Dataset:
     if cache:
         # Read here, one block per shard, straight into the object store: no read tasks to
         # schedule (a `read_parquet(...).materialize()` costs a minute of worker start-ups on a
         # small machine for a few kB of rows).
-        ds = ray.data.from_arrow(read_shard_tables(root, split, READ_COLUMNS))
+        ds = ray.data.from_arrow(read_shard_tables(root, split, columns))
         if seed is not None:
             ds = ds.randomize_block_order(
                 seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
@@ -81,9 +84,7 @@ def _encoded_rows(root: str, split: str, seed: int | None, cache: bool) -> ray.d
     shuffle = None
     if seed is not None:
         shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    return ray.data.read_parquet(list_shards(root, split), shuffle=shuffle).select_columns(
-        READ_COLUMNS
-    )
+    return ray.data.read_parquet(list_shards(root, split), shuffle=shuffle).select_columns(columns)
 
 
 def train_dataset(
@@ -113,6 +114,35 @@ def train_dataset(
     return ds.map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy").drop_columns(
         ["id"]
     )
+
+
+def weak_train_dataset(data: DataConfig, info: DatasetInfo) -> ray.data.Dataset:
+    """Training rows of weakly supervised runs: crops with their image-level labels (the
+    `image_labels` column), `area` and a diagnostic-only mask (`decode_weak_batch`)."""
+    split = data.train_split
+    cache = should_cache(data, shard_bytes(data.root, split))
+    decode = partial(
+        decode_weak_batch,
+        crop_size=data.crop_size,
+        scale_range=(data.scale_min, data.scale_max),
+        flip=data.flip,
+        ignore_index=info.ignore_index,
+        num_classes=info.num_classes,
+        shuffle=True,
+    )
+    ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, [*READ_COLUMNS, "image_labels"])
+    ds = _repeat(ds, data.train_repeat)
+    return ds.map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy").drop_columns(
+        ["id"]
+    )
+
+
+def build_weak_datasets(data: DataConfig, info: DatasetInfo) -> dict[str, ray.data.Dataset]:
+    val_cache = should_cache(data, shard_bytes(data.root, data.val_split))
+    return {
+        "train": weak_train_dataset(data, info),
+        "val": eval_dataset(data.root, info, data.val_split, cache=val_cache),
+    }
 
 
 def _select(batch: dict[str, np.ndarray], ids: frozenset[str], keep: bool) -> dict:

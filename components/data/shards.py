@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Any
@@ -324,17 +325,35 @@ def list_shards(root: str, split: str) -> list[str]:
     return [_join(root, split, n) for n in names]
 
 
-def read_shard_tables(root: str, split: str, columns: list[str] | None = None) -> list[pa.Table]:
-    """Every shard of a split as its own in-memory table (in shard order)."""
+def iter_shard_tables(
+    root: str, split: str, columns: list[str] | None = None
+) -> Iterator[tuple[str, pa.Table]]:
+    """(shard, table) for every shard of a split, one at a time (in shard order). A shard
+    without one of `columns` raises DatasetError naming the shard, the column and what it has."""
     fs, root_path = resolve_fs(root)
-    tables = []
     for shard in list_shards(root, split):
         path = f"{root_path}/{split}/{shard.rsplit('/', 1)[-1]}"
         try:
-            tables.append(pq.read_table(path, columns=columns, filesystem=fs))
+            table = pq.read_table(path, columns=columns, filesystem=fs)
         except (pa.ArrowException, OSError) as e:
+            names = _schema_names(path, fs)
+            absent = [c for c in columns or [] if names is not None and c not in names]
+            if absent:
+                raise DatasetError(f"{shard}: no '{absent[0]}' column (has {names})") from e
             raise DatasetError(f"{shard}: cannot read shard: {e}") from e
-    return tables
+        yield shard, table
+
+
+def _schema_names(path: str, fs: pafs.FileSystem) -> list[str] | None:
+    try:
+        return pq.read_schema(path, filesystem=fs).names
+    except (pa.ArrowException, OSError):
+        return None
+
+
+def read_shard_tables(root: str, split: str, columns: list[str] | None = None) -> list[pa.Table]:
+    """Every shard of a split as its own in-memory table (in shard order)."""
+    return [table for _, table in iter_shard_tables(root, split, columns)]
 
 
 def read_split_table(root: str, split: str, columns: list[str] | None = None) -> pa.Table:

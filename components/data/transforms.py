@@ -236,6 +236,31 @@ def decode_train_batch(
     return _assemble(out, crop_size, crop_size, ignore_index)
 
 
+def _crop_with_optional_mask(
+    row_id: str,
+    image_bytes: bytes | None,
+    mask_bytes: bytes | None,
+    num_classes: int,
+    ignore_index: int,
+    crop_size: int,
+    scale_range: tuple[float, float],
+    flip: bool,
+    rng: np.random.Generator,
+    what: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(image, mask, area) crop of a row whose mask is optional (diagnostics only): a bad mask
+    becomes all ignore, an undecodable image makes the row unusable (None, logged)."""
+    result = check_row(image_bytes, mask_bytes, num_classes, ignore_index)
+    if isinstance(result, str) and mask_bytes is not None:
+        result = check_row(image_bytes, None, num_classes, ignore_index)
+    if isinstance(result, str):
+        log.warning("skipping %s %s: %s", what, row_id, result)
+        return None
+    return random_scale_crop_flip(
+        result[0], result[1], crop_size, scale_range, flip, rng, ignore_index, with_area=True
+    )
+
+
 def decode_unlabeled_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -268,16 +293,13 @@ def decode_unlabeled_batch(
     area = np.zeros((n, crop_size, crop_size), bool)
     valid = np.zeros(n, bool)
     for k, row_id in enumerate(ids):
-        mask_bytes = None if masks is None else masks[k]
-        result = check_row(batch["image"][k], mask_bytes, num_classes, ignore_index)
-        if isinstance(result, str) and mask_bytes is not None:
-            result = check_row(batch["image"][k], None, num_classes, ignore_index)
-        if isinstance(result, str):
-            log.warning("skipping unlabeled row %s: %s", row_id, result)
+        crop = _crop_with_optional_mask(
+            row_id, batch["image"][k], None if masks is None else masks[k], num_classes,
+            ignore_index, crop_size, scale_range, flip, rng, "unlabeled row",
+        )  # fmt: skip
+        if crop is None:
             continue
-        image, mask, inside = random_scale_crop_flip(
-            result[0], result[1], crop_size, scale_range, flip, rng, ignore_index, with_area=True
-        )
+        image, mask, inside = crop
         weak[k], diag[k], area[k], valid[k] = image, mask, inside, True
         strong_views[k] = strong_photometric(image, strong, rng)
     images, strong_images = normalize(weak), normalize(strong_views)
@@ -288,6 +310,90 @@ def decode_unlabeled_batch(
         "image_strong": strong_images,
         "area": area,
         "mask": diag,
+        "id": np.array(ids, dtype=str),
+        "valid": valid,
+    }
+
+
+def image_label_vector(labels, num_classes: int) -> np.ndarray | str:
+    """A row's `image_labels` (class ids present, background 0 included or not) as a (K-1,)
+    float32 multi-hot vector of the foreground classes, or the reason it is unusable.
+
+    A list with no foreground id (a background-only image) is valid: all zeros."""
+    if labels is None:
+        return "image_labels is missing"
+    try:
+        ids = np.asarray(labels, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        return f"image_labels {list(labels)} is not a list of class ids"
+    if np.isnan(ids).any() or (ids != np.round(ids)).any():
+        return f"image_labels {list(labels)} is not a list of class ids"
+    ids = ids.astype(np.int64)
+    bad = ids[(ids < 0) | (ids >= num_classes)]
+    if bad.size:
+        return (
+            f"image_labels has class ids {sorted(set(bad.tolist()))} outside 0..{num_classes - 1}"
+        )
+    vector = np.zeros(num_classes - 1, np.float32)
+    vector[ids[ids > 0] - 1] = 1.0
+    return vector
+
+
+def decode_weak_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    crop_size: int,
+    scale_range: tuple[float, float],
+    flip: bool,
+    ignore_index: int = 255,
+    num_classes: int,
+    shuffle: bool = False,
+) -> dict[str, np.ndarray]:
+    """Training rows for weakly supervised segmentation: the image-level labels are the target.
+
+    Output columns: `image`, `labels` (B, K-1) float32 multi-hot of the foreground classes (from
+    the `image_labels` column), `area` (B, H, W) bool (False on crop padding), `mask` (the row's
+    mask when it has a usable one — for diagnostics only, never a training target — else all
+    ignore), `background_only` (B,) bool, `valid`, `id`. A row is invalid (all-zero image, logged,
+    counted as bad) when its image is undecodable or its `image_labels` is missing or has ids
+    outside 0..K-1; a bad optional mask only blanks the diagnostic mask.
+    """
+    rng = np.random.default_rng()
+    if shuffle:
+        order = rng.permutation(len(batch["id"]))
+        batch = {k: v[order] for k, v in batch.items()}
+    ids = [str(i) for i in batch["id"]]
+    masks = batch.get("mask")
+    labels_column = batch.get("image_labels")
+    n, k = len(ids), num_classes - 1
+    images = np.zeros((n, crop_size, crop_size, 3), np.uint8)
+    diag = np.full((n, crop_size, crop_size), ignore_index, np.int64)
+    area = np.zeros((n, crop_size, crop_size), bool)
+    labels = np.zeros((n, k), np.float32)
+    valid = np.zeros(n, bool)
+    for j, row_id in enumerate(ids):
+        vector = image_label_vector(
+            None if labels_column is None else labels_column[j], num_classes
+        )
+        if isinstance(vector, str):
+            log.warning("skipping row %s: %s", row_id, vector)
+            continue
+        crop = _crop_with_optional_mask(
+            row_id, batch["image"][j], None if masks is None else masks[j], num_classes,
+            ignore_index, crop_size, scale_range, flip, rng, "row",
+        )  # fmt: skip
+        if crop is None:
+            continue
+        images[j], diag[j], area[j] = crop
+        labels[j], valid[j] = vector, True
+    normalized = normalize(images)
+    normalized[~valid] = 0.0
+    return {
+        "image": normalized,
+        "labels": labels,
+        "area": area,
+        "mask": diag,
+        "background_only": valid & (labels.sum(1) == 0),
         "id": np.array(ids, dtype=str),
         "valid": valid,
     }
@@ -326,6 +432,8 @@ __all__ = [
     "decode_eval_batch",
     "decode_train_batch",
     "decode_unlabeled_batch",
+    "decode_weak_batch",
+    "image_label_vector",
     "normalize",
     "pad_to",
     "random_scale_crop_flip",
