@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from components.config import SEMISUP_METHODS, Config, MethodWeights
+from components.config import SEMISUP_METHODS, WEAKLY_METHODS, Config, MethodWeights
 from components.distillation.distiller import Distiller
 from components.distillation.protocol import Method
 from components.distillation.supervised import Supervised
@@ -17,8 +17,8 @@ from components.distillation.supervised import Supervised
 
 def needs_teacher(name: str) -> bool:
     """Whether a method distils from a separately trained, frozen teacher (the semi-supervised
-    methods make their own: an EMA of the student)."""
-    return name not in ("none", *SEMISUP_METHODS)
+    methods make their own, an EMA of the student; TSCD's network teaches itself)."""
+    return name not in ("none", *SEMISUP_METHODS, *WEAKLY_METHODS)
 
 
 def method_terms(name: str, w: MethodWeights) -> dict[str, float]:
@@ -77,6 +77,10 @@ def build_method(
         from components.semisup.method import SemiSupervised
 
         return SemiSupervised(student, m, ignore_index=ignore_index)
+    if m.name in WEAKLY_METHODS:
+        from components.weakly.tscd import TSCD
+
+        return TSCD(student, m, ignore_index=ignore_index)
     if teacher is None:
         raise ValueError(f"method '{m.name}' needs a teacher model")
     return Distiller(

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from components.config import Config, from_dict
+from components.config import WEAKLY_METHODS, Config, from_dict
 from components.distillation.build import build_method
 from components.distillation.protocol import unwrap
 from components.metrics import miou, pixel_accuracy
@@ -33,9 +33,15 @@ from components.training.checkpoint import (
     set_rng_state,
 )
 from components.training.evaluation import predict_confusion
-from components.training.schedule import poly_scheduler
+from components.training.schedule import build_optimizer, poly_scheduler
 
 TRAIN_DTYPES = {"image": torch.float32, "mask": torch.int64, "valid": torch.bool}
+WEAK_DTYPES = {
+    **TRAIN_DTYPES,
+    "labels": torch.float32,
+    "area": torch.bool,
+    "background_only": torch.bool,
+}
 UNLABELED_DTYPES = {
     "image": torch.float32,
     "image_strong": torch.float32,
@@ -152,9 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     ).to(device)
 
     o = cfg.optim
-    optimizer = torch.optim.SGD(
-        method.trainable.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
-    )
+    optimizer = build_optimizer(method.trainable, o)
     total_iters = steps_per_epoch * t.epochs
     scheduler = poly_scheduler(optimizer, total_iters, o.poly_power, o.warmup_iters)
     progress = {"epoch": 0, "iteration": 0, "best_miou": -1.0, "best_epoch": -1}
@@ -195,6 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
     unlabeled_shard = ray.train.get_dataset_shard("unlabeled") if config.get("unlabeled") else None
     batch_size = cfg.data.batch_size
     after_step = getattr(method, "after_step", None)
+    train_dtypes = WEAK_DTYPES if cfg.method.name in WEAKLY_METHODS else TRAIN_DTYPES
     iter_args = {
         "batch_size": batch_size,
         "drop_last": True,
@@ -227,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = defaultdict(float)
         reported: dict[str, int] = defaultdict(int)  # steps that gave each term
         steps, wait_s, bad_rows, seen_rows = 0, 0.0, 0, 0
-        streams = {"": iter(train_shard.iter_torch_batches(dtypes=TRAIN_DTYPES, **iter_args))}
+        streams = {"": iter(train_shard.iter_torch_batches(dtypes=train_dtypes, **iter_args))}
         if unlabeled_shard is not None:
             streams["u_"] = iter(
                 unlabeled_shard.iter_torch_batches(

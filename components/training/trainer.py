@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from components.config import (
     SEMISUP_METHODS,
+    WEAKLY_METHODS,
     Config,
     ConfigError,
     ModelConfig,
@@ -35,6 +36,7 @@ from components.data.ingest import (
     SegDataConfig,
     build_datasets,
     build_semisup_datasets,
+    build_weak_datasets,
     labeled_selection,
     steps_per_epoch,
 )
@@ -229,6 +231,13 @@ def build_trainer(
         # A labeled and an unlabeled stream; an epoch is one pass over the larger one.
         datasets, steps, _ = build_semisup_datasets(
             cfg.data, info, cfg.method.semisup, cfg.trainer.num_workers
+        )
+    elif cfg.method.name in WEAKLY_METHODS:
+        # Image-level labels only; the masks travel along for diagnostics.
+        datasets = build_weak_datasets(cfg.data, info)
+        rows = info.splits[cfg.data.train_split].rows * cfg.data.train_repeat
+        steps = steps_per_epoch(
+            info, cfg.data.train_split, cfg.data.batch_size, cfg.trainer.num_workers, rows
         )
     else:
         # `data.labeled_count` (the supervised-only baseline of a semi-supervised comparison)

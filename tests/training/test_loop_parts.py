@@ -24,3 +24,33 @@ def test_next_batch_prefixes_the_second_stream_and_stops_with_either():
     batch = _next_batch(streams)
     assert set(batch) == {"image", "u_image", "u_area"} and float(batch["u_image"]) == 2.0
     assert _next_batch(streams) is None  # the unlabeled stream ended
+
+
+def test_optimizer_groups_and_kinds():
+    from components.config import ModelConfig, OptimConfig
+    from components.models.build import build_model
+    from components.training.schedule import build_optimizer, poly_scheduler
+    from components.weakly.tscd import TwoViews
+
+    net = TwoViews(
+        build_model(ModelConfig(backbone="mit_b0", head="segformer", width=0.25, cls_head=True), 4)
+    )
+    names = dict(net.named_parameters())
+    backbone = {n for n in names if n.startswith("net.backbone.")}
+    opt = build_optimizer(net, OptimConfig(name="adamw", lr=6e-5, head_lr_mult=10.0))
+    assert isinstance(opt, torch.optim.AdamW)
+    (bb, heads) = opt.param_groups
+    assert (bb["lr"], heads["lr"]) == (6e-5, pytest.approx(6e-4))
+    by_id = {id(p): n for n, p in names.items()}
+    assert {by_id[id(p)] for p in bb["params"]} == backbone
+    assert {by_id[id(p)] for p in heads["params"]} == set(names) - backbone
+    assert "net.classifier.weight" in {by_id[id(p)] for p in heads["params"]}
+    # The schedule scales both groups alike: warm-up 2 iterations, then poly.
+    sched = poly_scheduler(opt, 10, 1.0, 2)
+    assert [g["lr"] for g in opt.param_groups] == [3e-5, pytest.approx(3e-4)]
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [6e-5, pytest.approx(6e-4)]
+    # One group (and plain SGD) when there is no head multiplier: old checkpoints still load.
+    sgd = build_optimizer(net, OptimConfig())
+    assert isinstance(sgd, torch.optim.SGD) and len(sgd.param_groups) == 1
