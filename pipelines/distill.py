@@ -25,7 +25,7 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.config import SEMISUP_METHODS, ConfigError, load_config
+    from components.config import SEMISUP_METHODS, WEAKLY_METHODS, ConfigError, load_config
     from pipelines._common import fail, init_ray
 
     try:
@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.method.name in SEMISUP_METHODS:
         return fail(
             f"'method.name': {cfg.method.name} is semi-supervised; run it with pipelines/semisup.py"
+        )
+    if cfg.method.name in WEAKLY_METHODS:
+        return fail(
+            f"'method.name': {cfg.method.name} is weakly supervised; run it with pipelines/wsss.py"
         )
 
     import ray.train

@@ -1,0 +1,174 @@
+"""The weakly supervised benchmark (issue 7): AFA-style baseline vs TSCD, three seeds.
+
+    python benchmarks/wsss_synthetic.py                                # the full table
+    python benchmarks/wsss_synthetic.py --variants afa tscd --seeds 0 --iters 60   # a quick look
+
+Variants (all `method.name=tscd`, the embedded default's network and data, configs/
+tscd_synthetic.yaml): `afa` (no SCD, appearance-only refinement), `afa+varm` (VARM instead),
+`afa+scd` (SCD, plain refinement), `tscd` (SCD + VARM). Every run has the same number of steps on
+the same image-level labels; pseudo-label and CAM mIoU are scored on (up to --diagnose-rows of)
+the train images against their masks, segmentation mIoU on val.
+
+In-process plain PyTorch on the components the Ray job uses (shards, `decode_weak_batch`,
+models, `build_method`, `build_optimizer`, the poly schedule, `diagnose`, `predict_confusion`),
+so a dozen short runs do not each pay Ray Train's start-up. Step time is the 25th percentile of
+a run's step wall times after the warm-up (see benchmarks/synthetic_methods.py); the ratio is to
+`afa`. Results: `--out` (JSON + Markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic_methods import timed_step
+
+from components.config import Config, merge_config
+from components.data.shards import read_split_table
+from components.data.synthetic import ensure_synthetic
+from components.data.transforms import decode_eval_batch, decode_weak_batch
+from components.distillation.build import build_method
+from components.metrics import miou
+from components.models.build import build_model
+from components.training.evaluation import predict_confusion
+from components.training.schedule import build_optimizer, poly_scheduler
+from components.weakly.diagnostics import diagnose, iter_rows
+
+VARIANTS = {
+    "afa": ["method.weights.scd=0", "method.weakly.refine=plain"],
+    "afa+varm": ["method.weights.scd=0", "method.weakly.refine=varm"],
+    "afa+scd": ["method.weakly.refine=plain"],
+    "tscd": [],
+}
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tscd_synthetic.yaml")
+
+
+def _batches(rows: dict, cfg: Config, num_classes: int, seed: int):
+    d, rng = cfg.data, np.random.default_rng(seed)
+    n = len(rows["id"])
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - d.batch_size + 1, d.batch_size):
+            idx = order[start : start + d.batch_size]
+            batch = {k: np.array([v[i] for i in idx], dtype=object) for k, v in rows.items()}
+            out = decode_weak_batch(
+                batch,
+                crop_size=d.crop_size,
+                scale_range=(d.scale_min, d.scale_max),
+                flip=d.flip,
+                num_classes=num_classes,
+            )
+            yield {k: torch.from_numpy(v) for k, v in out.items() if k != "id"}
+
+
+def run(cfg: Config, info, rows: dict, val: dict, iters: int, seed: int, diag_rows: int) -> dict:
+    torch.manual_seed(seed)
+    k = info.num_classes
+    method = build_method(cfg, build_model(cfg.model, k), None, num_classes=k)
+    optimizer = build_optimizer(method.trainable, cfg.optim)
+    scheduler = poly_scheduler(optimizer, iters, cfg.optim.poly_power, cfg.optim.warmup_iters)
+    batches = _batches(rows, cfg, k, seed)
+    step_s, sums = [], {}
+    method.trainable.train()
+    for i in range(iters):
+        elapsed = timed_step(method, optimizer, scheduler, next(batches), sums)
+        if i >= cfg.method.weakly.warmup_iters:
+            step_s.append(elapsed)
+    model = method.eval_model()
+    d = cfg.data
+    train = diagnose(model, iter_rows(d.root, d.train_split, k, diag_rows), k, cfg.method.weakly)
+    confusion = predict_confusion(model, [val], k)
+    return {
+        "val_miou": miou(confusion)[0],
+        "pseudo_miou": train["pseudo_miou"],
+        "pseudo_labeled": train["pseudo_labeled"],
+        "cam_miou": train["cam_miou"],
+        "cls_map": train["cls_map"],
+        "step_ms": 1000 * sorted(step_s)[len(step_s) // 4] if step_s else float("nan"),
+        "terms": {name: v / iters for name, v in sums.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--iters", type=int, default=None, help="default: the config's epochs")
+    parser.add_argument("--diagnose-rows", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = merge_config(CONFIG, args.overrides)
+    info = ensure_synthetic(base.data.root, base.data.synthetic)
+    cols = ["id", "image", "mask", "image_labels"]
+    rows = read_split_table(base.data.root, base.data.train_split, cols).to_pydict()
+    v = info.splits[base.data.val_split]
+    val_rows = read_split_table(base.data.root, base.data.val_split, cols[:3]).to_pydict()
+    decoded = decode_eval_batch(
+        {k: np.array(x, dtype=object) for k, x in val_rows.items()},
+        pad_height=v.max_height,
+        pad_width=v.max_width,
+        num_classes=info.num_classes,
+    )
+    val = {k: torch.from_numpy(x) for k, x in decoded.items() if k != "id"}
+    iters = args.iters or base.trainer.epochs * (len(rows["id"]) // base.data.batch_size)
+
+    results: dict[str, list[dict]] = {}
+    for name in args.variants:
+        cfg = merge_config(CONFIG, [*args.overrides, *VARIANTS[name]])
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            r = run(cfg, info, rows, val, iters, seed, args.diagnose_rows)
+            r["seed"], r["wall_s"] = seed, time.perf_counter() - t0
+            results.setdefault(name, []).append(r)
+            print(
+                f"{name:10s} seed {seed}: val mIoU {100 * r['val_miou']:.2f}  pseudo mIoU "
+                f"{100 * r['pseudo_miou']:.2f}  CAM mIoU {100 * r['cam_miou']:.2f}  step "
+                f"{r['step_ms']:.0f} ms  ({r['wall_s']:.0f} s)",
+                flush=True,
+            )
+    write_results(args, iters, results)
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def write_results(args, iters: int, results: dict) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = statistics.median(r["step_ms"] for r in results.get("afa", [{"step_ms": float("nan")}]))
+    lines = [
+        f"iterations {iters}, seeds {args.seeds}, overrides {args.overrides or 'none'}",
+        "",
+        "| variant | val mIoU | pseudo mIoU | CAM mIoU | step ms (p25) | × afa |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        step = statistics.median(r["step_ms"] for r in runs)
+        lines.append(
+            f"| {name} | {_mean_std([r['val_miou'] for r in runs])} | "
+            f"{_mean_std([r['pseudo_miou'] for r in runs])} | "
+            f"{_mean_std([r['cam_miou'] for r in runs])} | {step:.0f} | {step / ref:.2f} |"
+        )
+    (out / "wsss_synthetic.md").write_text("\n".join(lines) + "\n")
+    (out / "wsss_synthetic.json").write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
