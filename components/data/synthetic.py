@@ -241,6 +241,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _differences(info: DatasetInfo, cfg: SyntheticConfig) -> list[str]:
+    """How an existing dataset's class count and split sizes differ from `cfg`."""
+    out = []
+    if info.num_classes != cfg.num_classes:
+        out.append(f"{info.num_classes} classes, num_classes={cfg.num_classes}")
+    counts = {"train": cfg.num_train, "val": cfg.num_val, "unlabeled": cfg.num_unlabeled}
+    for split, want in counts.items():
+        have = info.splits[split].rows if split in info.splits else 0
+        if have != want:
+            out.append(f"{have} {split} rows, num_{split}={want}")
+    return out
+
+
 def ensure_synthetic(root: str, cfg: SyntheticConfig) -> DatasetInfo:
     """Return the dataset at `root`, generating it first when `<root>/dataset.json` is absent.
 
@@ -251,13 +264,13 @@ def ensure_synthetic(root: str, cfg: SyntheticConfig) -> DatasetInfo:
     fs, path = resolve_fs(root)
     if fs.get_file_info(f"{path}/{MANIFEST}").type == FileType.File:
         info = DatasetInfo.load(root)  # a corrupt manifest raises here rather than regenerating
-        if info.num_classes != cfg.num_classes:
+        differs = _differences(info, cfg)
+        if differs:
             log.warning(
-                "%s has %d classes but data.synthetic.num_classes is %d; using the existing "
-                "dataset (delete it to regenerate)",
+                "%s differs from data.synthetic (%s); using the existing dataset (delete it to "
+                "regenerate)",
                 root,
-                info.num_classes,
-                cfg.num_classes,
+                "; ".join(differs),
             )
         return info
     if "://" in root:

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 
@@ -98,6 +99,22 @@ def test_ensure_synthetic_builds_once_and_leaves_no_temp(tmp_path):
     assert ensure_synthetic(str(root), TINY) == info
     assert manifest.stat().st_mtime_ns == before
     assert os.stat(list_shards(str(root), "train")[0]).st_mtime_ns == shard_before
+
+
+def test_existing_dataset_of_another_size_is_reused_with_a_warning(tmp_path, caplog):
+    root = str(tmp_path / "ds")
+    ensure_synthetic(root, TINY)
+    bigger = dataclasses.replace(TINY, num_train=20, num_unlabeled=0)
+    with caplog.at_level("WARNING", logger="segdistill.data"):
+        info = ensure_synthetic(root, bigger)
+    assert info.splits["train"].rows == 12  # never silently regenerated over a user's folder
+    text = caplog.text
+    assert "12 train rows, num_train=20" in text and "4 unlabeled rows, num_unlabeled=0" in text
+    assert "val rows" not in text and "classes" not in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="segdistill.data"):
+        ensure_synthetic(root, TINY)
+    assert caplog.text == ""
 
 
 def test_ensure_synthetic_removes_stale_temps_and_refuses_foreign_folders(tmp_path):
