@@ -40,7 +40,7 @@ def default_config():
     return Config(
         data=DataConfig(
             root="data/synthetic_wsss",
-            synthetic=SyntheticConfig(num_train=512, num_val=64, size=64),
+            synthetic=SyntheticConfig(num_train=1024, num_val=64, size=64),
             crop_size=64,
             scale_min=0.75,
             scale_max=1.25,
@@ -54,16 +54,16 @@ def default_config():
             cls_head=True,
             drop_path=0.0,
         ),
-        method=MethodConfig(name="tscd", weakly=WeaklyConfig(warmup_iters=128)),
+        method=MethodConfig(name="tscd", weakly=WeaklyConfig(warmup_iters=1024)),
         optim=OptimConfig(
             name="adamw",
-            lr=1e-3,
+            lr=3e-4,
             head_lr_mult=1.0,
             weight_decay=0.01,
             poly_power=1.0,
             warmup_iters=32,
         ),
-        trainer=TrainerConfig(epochs=6),
+        trainer=TrainerConfig(epochs=12),
     )
 
 
