@@ -75,12 +75,16 @@ def _load_verified(folder: Path, name: str, meta: dict) -> dict:
     expected = meta.get("files", {}).get(name)
     if expected is None or not path.is_file():
         raise CheckpointError(f"{path}: missing")
+    _check_file(path, expected)
+    return load_torch_file(path)
+
+
+def _check_file(path: Path, expected: dict) -> None:
     size = path.stat().st_size
     if size != expected["bytes"] or _sha256(path) != expected["sha256"]:
         raise CheckpointError(
             f"{path}: truncated or corrupted ({size} bytes, meta.json says {expected['bytes']})"
         )
-    return load_torch_file(path)
 
 
 def load_torch_file(path: str | Path) -> dict:
@@ -107,6 +111,31 @@ def checkpoint_folders(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders under a run folder, oldest first (by the iteration in meta.json)."""
     found = [p.parent for p in Path(run_dir).rglob(META_FILE)]
     return sorted(found, key=lambda p: (read_meta(p).get("progress", {}).get("iteration", -1), p))
+
+
+def verify_files(folder: str | Path) -> None:
+    """Raise CheckpointError unless every file meta.json lists has its size and SHA-256."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    for name, expected in meta.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        _check_file(path, expected)
+
+
+def latest_resumable(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint folder of a run that holds a full training state and passes
+    `verify_files`, or None. Folders that fail (a copy cut short by a kill) are skipped."""
+    for folder in reversed(checkpoint_folders(run_dir)):
+        if STATE_FILE not in read_meta(folder).get("files", {}):
+            continue
+        try:
+            verify_files(folder)
+        except CheckpointError:
+            continue
+        return folder
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -28,6 +28,7 @@ from components.metrics import miou, pixel_accuracy
 from components.models.build import build_model
 from components.training.checkpoint import (
     load_full_state,
+    read_meta,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -163,10 +164,20 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = poly_scheduler(optimizer, total_iters, o.poly_power, o.warmup_iters)
     progress = {"epoch": 0, "iteration": 0, "best_miou": -1.0, "best_epoch": -1}
 
+    state, source = None, ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state, _ = load_full_state(folder)
+    # A checkpoint folder can be complete in storage and still unknown to Ray, when the driver
+    # was killed between its upload and Ray's bookkeeping; the driver found it (`fit`).
+    found = config.get("resume_folder")
+    if found is not None and (
+        state is None or read_meta(found)["progress"]["iteration"] > state["progress"]["iteration"]
+    ):
+        state, _ = load_full_state(found)
+        source = f" ({found}, which Ray had not registered)"
+    if state is not None:
         method.trainable.load_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -185,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
         _print0(
             rank,
             f"resumed from checkpoint: epoch {progress['epoch']}, "
-            f"iteration {progress['iteration']}",
+            f"iteration {progress['iteration']}{source}",
         )
 
     if world > 1:

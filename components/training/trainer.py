@@ -47,6 +47,7 @@ from components.models.build import build_model
 from components.training.checkpoint import (
     CheckpointError,
     checkpoint_folders,
+    latest_resumable,
     load_model_state,
     load_torch_file,
     read_meta,
@@ -219,6 +220,18 @@ def _request(cfg: Config) -> Request:
     return run_request(cfg.trainer, cluster_capacity().get("GPU", 0) > 0)
 
 
+def _resumable(cfg: Config, name: str) -> str | None:
+    """The run's newest complete checkpoint on local (or mounted shared) storage, for the loop
+    to compare with Ray's own: a kill between a checkpoint's upload and Ray's record of it
+    would otherwise restart the run from the checkpoint before (or from scratch). On URI
+    storage Ray's record is the only source."""
+    storage = storage_of(cfg)
+    if is_uri(storage):
+        return None
+    folder = latest_resumable(Path(storage) / name)
+    return None if folder is None else str(folder)
+
+
 def build_trainer(
     cfg: Config,
     info: DatasetInfo,
@@ -258,6 +271,7 @@ def build_trainer(
         "class_names": info.class_names,
         "steps_per_epoch": steps,
         "unlabeled": "unlabeled" in datasets,
+        "resume_folder": _resumable(cfg, name),
     }
     if teacher is not None:
         loop_config["teacher_state"] = ray.put(teacher.state)

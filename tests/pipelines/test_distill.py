@@ -166,3 +166,116 @@ def test_truncated_teacher_checkpoint_named(
     args = tiny_overrides(tiny_data, str(tmp_path / "out"), **{"teacher.checkpoint": str(path)})
     assert distill.main(args) == 2
     assert str(path) in capsys.readouterr().err
+
+
+def test_killed_driver_resumes_from_its_last_checkpoint(
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+):
+    """`kill -9` of `python pipelines/distill.py` mid-run, then the same command again: the run
+    continues from its last complete checkpoint, with the optimizer state, to the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    from components.config import ModelConfig
+    from components.models.build import build_model
+
+    teacher = tmp_path / "teacher.pth"
+    torch.save(build_model(ModelConfig(width=0.125), num_classes=4).state_dict(), teacher)
+    storage = tmp_path / "out"
+    epochs = 8
+    args = tiny_overrides(
+        tiny_data,
+        str(storage),
+        **{
+            "method.name": "kd",
+            "teacher.checkpoint": str(teacher),
+            "teacher.model.width": "0.125",
+            "trainer.epochs": str(epochs),
+        },
+    )
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, str(root / "pipelines" / "distill.py"), *args],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while not list(storage.glob("distill-kd-*/epoch_0001/meta.json")):
+                assert driver.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+    run = _run_dir(storage, "distill-kd")
+    at_kill = [
+        read_meta(f)["progress"]["epoch"]
+        for f in run.glob("epoch_*")
+        if (f / "meta.json").is_file()
+    ]
+    assert at_kill and max(at_kill) < epochs, at_kill  # killed mid-run, not after it
+
+    assert distill.main(args) == 0
+    out = capsys.readouterr().out
+    resumed = re.search(r"resumed from checkpoint: epoch (\d+), iteration (\d+)", out)
+    assert resumed, out[-3000:]
+    epoch, iteration = int(resumed.group(1)), int(resumed.group(2))
+    assert 1 <= epoch <= max(at_kill) and iteration == 12 * epoch
+    final, _ = load_full_state(resolve_checkpoint(run))
+    assert final["progress"]["epoch"] == epochs and final["progress"]["iteration"] == 12 * epochs
+    # The LR schedule was restored with the rest, not restarted at the resumed iteration.
+    assert final["scheduler"]["last_epoch"] == 12 * epochs
+
+
+def test_bad_rows_counted_then_fail_past_max_bad_fraction(
+    ray_session, tiny_overrides, tmp_path, capsys
+):
+    """Undecodable rows are skipped and counted; more of them than data.max_bad_fraction stops
+    the run with the numbers, not a Ray traceback, and leaves no checkpoint of the failed epoch."""
+    import numpy as np
+
+    from components.data.shards import DatasetInfo, ShardWriter, encode_png, mask_labels
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    bad = {3, 10, 17, 30, 41}  # 5 of 48 rows
+    with ShardWriter(str(root), "train") as writer:
+        for i in range(48):
+            image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            mask = rng.integers(0, 4, (32, 32), dtype=np.uint8)
+            image_bytes = b"not an image" if i in bad else encode_png(image)
+            writer.add(f"row-{i}", image_bytes, encode_png(mask), mask_labels(mask), 32, 32)
+    info = DatasetInfo("bad", 4, ["a", "b", "c", "d"], [[0, 0, 0]] * 4, 255, {})
+    info.splits = {"train": writer.close()}
+    with ShardWriter(str(root), "val") as writer:
+        for i in range(8):
+            image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            mask = rng.integers(0, 4, (32, 32), dtype=np.uint8)
+            writer.add(f"val-{i}", encode_png(image), encode_png(mask), mask_labels(mask), 32, 32)
+    info.splits["val"] = writer.close()
+    info.save(str(root))
+
+    common = {"method.name": "none", "data.max_bad_fraction": "0.2"}
+    assert distill.main(tiny_overrides(str(root), str(tmp_path / "ok"), **common)) == 0
+    meta = read_meta(resolve_checkpoint(_run_dir(tmp_path / "ok", "distill-none")))
+    assert meta["metrics"]["bad_rows"] == len(bad)
+    capsys.readouterr()
+
+    strict = {**common, "data.max_bad_fraction": "0.05"}
+    assert distill.main(tiny_overrides(str(root), str(tmp_path / "strict"), **strict)) == 1
+    captured = capsys.readouterr()
+    assert "training failed:" in captured.err
+    assert "5 of 48 training rows were bad" in captured.err
+    assert "data.max_bad_fraction=0.05" in captured.err
+    assert not list((tmp_path / "strict").rglob("meta.json"))

@@ -7,6 +7,7 @@ import torch
 
 from components.training.checkpoint import (
     CheckpointError,
+    latest_resumable,
     load_full_state,
     load_model_state,
     resolve_checkpoint,
@@ -24,6 +25,22 @@ def _save(folder: Path, iteration: int) -> None:
         {"progress": {"iteration": iteration}, "rng": [rng_state()]},
         {"progress": {"epoch": iteration, "iteration": iteration}},
     )
+
+
+def test_latest_resumable_skips_cut_short_and_model_only_folders(tmp_path: Path):
+    run = tmp_path / "run"
+    assert latest_resumable(run) is None
+    _save(run / "epoch_0001", 10)
+    _save(run / "epoch_0002", 20)
+    _save(run / "epoch_0003", 30)
+    state = run / "epoch_0003" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])  # a copy cut short by a kill
+    save_checkpoint(  # newest, but a model-only export cannot resume training
+        run / "export", {"w": torch.zeros(4)}, None, {"progress": {"iteration": 40}}
+    )
+    assert latest_resumable(run) == run / "epoch_0002"
+    (run / "epoch_0002" / "model.pt").unlink()
+    assert latest_resumable(run) == run / "epoch_0001"
 
 
 def test_round_trip_and_latest_in_run_folder(tmp_path: Path):
