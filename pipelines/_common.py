@@ -13,10 +13,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def init_ray() -> None:
+def init_ray(dashboard: bool = False) -> None:
     """Connect to the cluster of RAY_ADDRESS / the submitted job / a local `ray start`, or else
-    start a local instance sized by Ray from this machine (no dashboard: on a laptop it only
-    takes CPU from training; start one with `ray start --head` to have it)."""
+    start a local instance sized by Ray from this machine.
+
+    The local instance has no dashboard unless `dashboard` is set: on a laptop it only takes
+    CPU from training (start one with `ray start --head` to have it). Sweeps need it: Ray
+    Train's placement-group cleaner asks the dashboard's State API whether a run's controller
+    is still alive, and without an answer the workers' placement group of every trial that Tune
+    stops (ASHA, or at its last epoch) stays reserved until the sweep ends, so later trials wait
+    for ever for the CPUs it holds. A local dashboard listens on 127.0.0.1 only."""
     import ray
 
     if ray.is_initialized():
@@ -24,7 +30,7 @@ def init_ray() -> None:
     try:
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
     except ConnectionError:
-        start_local_ray(include_dashboard=False)
+        start_local_ray(include_dashboard=dashboard, dashboard_host="127.0.0.1")
 
 
 def start_local_ray(attempts: int = 3, **kwargs) -> None:

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.training.trainer import failure_message, obtain_teacher, prepare_dataset
 
     start = time.perf_counter()
-    init_ray()
+    init_ray(dashboard=True)
     try:
         check_sweep(spec)  # before minutes of teacher training
         info = prepare_dataset(spec.base)

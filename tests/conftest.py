@@ -18,8 +18,16 @@ def ray_session():
 
     if not ray.is_initialized():
         # Two 1-CPU train workers plus one CPU for Ray Data tasks; more logical CPUs only make Ray
-        # start more worker processes at once, which thrashes a 2-core machine.
-        start_local_ray(attempts=5, num_cpus=3, include_dashboard=False, log_to_driver=True)
+        # start more worker processes at once, which thrashes a 2-core machine. The dashboard is
+        # on, as in pipelines/tune.py: Ray Train's placement-group cleaner needs its State API
+        # (pipelines/_common.init_ray says why).
+        start_local_ray(
+            attempts=5,
+            num_cpus=3,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
     yield ray
     ray.shutdown()
 

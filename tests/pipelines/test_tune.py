@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import time
 
 import numpy as np
@@ -54,11 +53,6 @@ def _live_placement_groups() -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("SEGDISTILL_TUNE_E2E") != "1",
-    reason="over 30 min on the 2-core CI machine (a new set of Ray processes per trial); "
-    "run it with SEGDISTILL_TUNE_E2E=1",
-)
 def test_tiny_sweep_stops_early_writes_outputs_and_continues(
     ray_session, tiny_data, tiny_overrides, tmp_path, capsys
 ):
