@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
+from ray._common.constants import HEAD_NODE_RESOURCE_NAME  # what Train V2 itself pins to the head
 
 from components.config import ConfigError, to_yaml
 from components.data.shards import DatasetInfo, resolve_fs, write_atomic
@@ -125,6 +126,13 @@ def to_tune(dist: Distribution):
     raise ValueError(f"unknown distribution {dist.name}")
 
 
+def driver_resources(cpus: float) -> dict[str, float]:
+    """What a trial's driver asks Tune for: `cpus` CPUs, or with 0 a sliver of the head node's
+    own resource (Tune needs some resource in the request; the head is where Train puts the
+    run's controller too)."""
+    return {"CPU": cpus} if cpus > 0 else {"CPU": 0, HEAD_NODE_RESOURCE_NAME: 0.001}
+
+
 def concurrency(spec: SweepSpec) -> int:
     """Trials at once: as many as the cluster can give all their workers to (each TorchTrainer
     needs every worker at the same time, while Tune only sees the small driver), at least 1.
@@ -135,6 +143,8 @@ def concurrency(spec: SweepSpec) -> int:
     request = run_request(spec.base.trainer, cluster.get("GPU", 0) > 0)
     kind = "GPU" if request.use_gpu else "CPU"
     need, have = request.totals[kind], cluster.get(kind, 0)
+    if kind == "CPU":
+        need += spec.settings.driver_cpus
     if need > have:
         raise ConfigError(
             f"one trial needs {need:g} {kind}s "
@@ -230,7 +240,7 @@ def run_sweep(
     s = spec.settings
     trainable = tune.with_resources(
         tune.with_parameters(_trial, spec=spec, info=info, teacher=teacher, runs=f"{path}/runs"),
-        {"CPU": s.driver_cpus},
+        driver_resources(s.driver_cpus),
     )
     limit = check_sweep(spec)
     if tune.Tuner.can_restore(path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,10 @@ class SweepSettings:
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     # Trials at once. None: what the cluster can give all the workers of (GPUs, else CPUs).
     max_concurrent_trials: int | None = None
-    driver_cpus: float = 0.01  # the trial's driver only waits on its TorchTrainer
+    # CPUs of the trial's driver, which only waits on its TorchTrainer. 0: none; it then runs on
+    # the head node (a stable node in clusters/), like Train's controller. With even 0.01 CPU,
+    # a 1-worker trial on a 2-CPU machine no longer fits (worker + its data tasks + driver).
+    driver_cpus: float = 0.0
     max_failures: int = 0  # restarts of a failed trial (from its last checkpoint)
     seed: int | None = 0  # the search's sampling seed (None: not reproducible)
 
@@ -116,8 +120,8 @@ def _check_settings(s: SweepSettings, source: str) -> None:
         raise bad("reduction_factor", f"must be >= 2, got {s.reduction_factor}")
     if s.max_concurrent_trials is not None and s.max_concurrent_trials < 1:
         raise bad("max_concurrent_trials", f"must be >= 1 or null, got {s.max_concurrent_trials}")
-    if not 0 < s.driver_cpus <= 1:
-        raise bad("driver_cpus", f"must be in (0, 1], got {s.driver_cpus}")
+    if not 0 <= s.driver_cpus <= 1:
+        raise bad("driver_cpus", f"must be in [0, 1], got {s.driver_cpus}")
     if s.metric not in REPORTED_METRICS:
         lower = {m.lower(): m for m in REPORTED_METRICS}
         close = difflib.get_close_matches(s.metric.lower(), list(lower), n=1)
@@ -143,6 +147,27 @@ def _check_search_key(key: str, base: Config, source: str) -> None:
     value = OmegaConf.select(OmegaConf.structured(base), key)
     if OmegaConf.is_config(value):
         raise ConfigError(f"{source}: search key '{key}' is a section; name one of its keys")
+
+
+def absolute_local_paths(cfg: Config) -> Config:
+    """`cfg` with its local file and folder paths made absolute (URIs as they are). Tune runs
+    each trial in a working directory of its own, where a relative `data.root` would name
+    nothing; absolute paths also let best.yaml run from any directory."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or "://" in path else os.path.abspath(path)
+
+    model, teacher = cfg.model, cfg.teacher
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
+        model=dataclasses.replace(model, pretrained=absolute(model.pretrained)),
+        teacher=dataclasses.replace(
+            teacher,
+            checkpoint=absolute(teacher.checkpoint),
+            model=dataclasses.replace(teacher.model, pretrained=absolute(teacher.model.pretrained)),
+        ),
+    )
 
 
 def build_spec(
@@ -177,7 +202,7 @@ def build_spec(
     if not isinstance(overrides, dict):
         raise ConfigError(f"{source}: 'overrides' must be a mapping of dotted keys to values")
     items = [f"{k}={_as_override(v)}" for k, v in overrides.items()] + distill_cli
-    base = merge_config(distill_path, items)
+    base = absolute_local_paths(merge_config(distill_path, items))
     validate(base)
 
     search_raw = raw.get("search") or {}

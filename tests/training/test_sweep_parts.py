@@ -50,6 +50,20 @@ def test_concurrency_follows_the_cluster(monkeypatch, cluster, trainer, expected
     assert sweep.concurrency(_spec(**trainer)) == expected
 
 
+def test_driver_takes_no_cpu_by_default_and_counts_when_it_does(monkeypatch):
+    # The 2-CPU machine of the embedded default: worker + its data tasks fill it exactly, so
+    # the driver must not ask for a CPU share (0.01 CPU left the data tasks waiting for ever).
+    assert sweep.driver_resources(0) == {"CPU": 0, "node:__internal_head__": 0.001}
+    assert sweep.driver_resources(0.5) == {"CPU": 0.5}
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: {"CPU": 2.0})
+    assert sweep.concurrency(_spec(num_workers=1)) == 1
+    spec = build_spec(
+        {"search": {"optim.lr": "uniform(0.01, 0.1)"}, "sweep": {"driver_cpus": 0.5}}, "t"
+    )
+    with pytest.raises(ConfigError, match=r"one trial needs 2.5 CPUs .* has 2"):
+        sweep.concurrency(spec)
+
+
 def test_trial_larger_than_cluster_named(monkeypatch):
     monkeypatch.setattr(sweep, "cluster_capacity", lambda: {"CPU": 32.0, "GPU": 4.0})
     with pytest.raises(ConfigError, match=r"one trial needs 8 GPUs .*num_workers=8.* has 4"):

@@ -124,7 +124,7 @@ def test_bad_search_rejected_naming_the_key(search, overrides, needle):
         ({"search": {"optim.lr": "uniform(0.01, 0.1)"}, "sweep": {"num_sample": 2}}, "num_sample"),
         ({"search": {"optim.lr": "uniform(0.01, 0.1)"}, "sweep": {"grace_period": 0}}, "grace"),
         ({"search": {"optim.lr": "uniform(0.01, 0.1)"}, "sweep": {"metric": "mIoU"}}, "'miou'"),
-        ({"search": {"optim.lr": "uniform(0.01, 0.1)"}, "sweep": {"driver_cpus": 0}}, "(0, 1]"),
+        ({"search": {"optim.lr": "uniform(0.01, 0.1)"}, "sweep": {"driver_cpus": -1}}, "[0, 1]"),
         (
             {"search": {"optim.lr": "uniform(0.01, 0.1)"}, "overrides": {"optim.lrr": 1}},
             "optim.lrr",
@@ -152,6 +152,21 @@ def test_sweep_file_on_disk_with_relative_distill_path(tmp_path):
     assert spec.settings.scheduler == "fifo" and spec.search["method.weights.sta"].log_scale
     with pytest.raises(ConfigError, match="sweep file not found"):
         load_sweep(str(tmp_path / "missing.yaml"))
+
+
+def test_local_paths_become_absolute_uris_stay(tmp_path, monkeypatch):
+    # Tune runs each trial in a working directory of its own: a relative data.root would miss.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.pth").write_bytes(b"")
+    spec = spec_of(
+        {"optim.lr": "loguniform(0.001, 0.1)"},
+        {"data.root": "data/synthetic", "teacher.checkpoint": "teacher.pth"},
+    )
+    assert spec.base.data.root == str(tmp_path / "data" / "synthetic")
+    assert spec.base.teacher.checkpoint == str(tmp_path / "teacher.pth")
+    assert spec.trial_config({"optim.lr": 0.01}).data.root == spec.base.data.root
+    spec = spec_of({"optim.lr": "loguniform(0.001, 0.1)"}, {"data.root": "s3://bucket/shards"})
+    assert spec.base.data.root == "s3://bucket/shards" and spec.base.model.pretrained is None
 
 
 def test_embedded_default_and_shipped_sweeps_validate():
