@@ -135,7 +135,7 @@ TRANSIENT = (  # a head that is still starting: the dashboard answers before its
 )
 
 
-def _submit(head, job_id: str, args: list[str], timeout: float):
+def _submit(head, job_id: str, args: list[str], timeout: float, script: str = "distill.py"):
     """`ray job submit`, tried again (under a new id) while the head is still starting up.
     Returns (completed process, the submission id that ran)."""
     runtime_env = {"env_vars": {"SEGDISTILL_CACHE": str(head["tmp"] / "cache")}}
@@ -145,7 +145,7 @@ def _submit(head, job_id: str, args: list[str], timeout: float):
         command = [
             RAY, "job", "submit", "--address", head["address"], "--submission-id", submission,
             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env),
-            "--", sys.executable, "pipelines/distill.py", *args,
+            "--", sys.executable, f"pipelines/{script}", *args,
         ]  # fmt: skip
         out = subprocess.run(command, check=False, capture_output=True, text=True,
                              env=head["env"], timeout=timeout, cwd=ROOT)  # fmt: skip
@@ -178,3 +178,27 @@ def test_distill_job_writes_checkpoint_to_storage_uri(head, tiny_data, tiny_over
     assert meta["progress"]["epoch"] == 1
     assert 0.0 <= meta["metrics"]["miou"] <= 1.0
     assert f"mIoU {100 * meta['metrics']['miou']:.2f}" in text  # the job printed the same run
+
+
+def test_tune_job_runs_a_sweep_on_the_head(head, tiny_data, tiny_overrides):
+    """pipelines/tune.py under `ray job submit`: the trials' drivers, their Train runs and data
+    tasks fit the 2-CPU head one trial at a time, and the sweep's outputs land in storage."""
+    import yaml
+
+    storage = head["tmp"] / "sweeps"
+    fixed = dict(item.split("=", 1) for item in tiny_overrides(tiny_data, str(storage)))
+    sweep = {
+        "overrides": {**fixed, "method.name": "none"},
+        "search": {"optim.lr": "grid([0.02, 0.01])"},
+        "sweep": {"name": "job-sweep", "scheduler": "fifo", "num_samples": 1},
+    }
+    path = head["tmp"] / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out, job = _submit(head, "segdistill-tune", ["--config", str(path)], 1500, "tune.py")
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-6000:] + "\n" + _head_logs(head)
+    assert f"Job '{job}' succeeded" in _status(head, job)
+    folder = storage / "job-sweep"
+    rows = (folder / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",done," in r for r in rows[1:]), rows
+    assert (folder / "best.yaml").is_file() and "best config:" in text
