@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -21,11 +22,15 @@ def ray_session():
         # start more worker processes at once, which thrashes a 2-core machine. The dashboard is
         # on, as in pipelines/tune.py: Ray Train's placement-group cleaner needs its State API
         # (pipelines/_common.init_ray says why).
+        with socket.socket() as s:  # not 8265: a user's own head may hold it
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         start_local_ray(
             attempts=5,
             num_cpus=3,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            dashboard_port=port,
             log_to_driver=True,
         )
     yield ray
