@@ -33,6 +33,11 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def absolute_storage(path: str) -> str:
+    """A storage or data path as Ray wants it: a URI as is, a local path made absolute."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
 def join(storage: str, *parts: str) -> str:
     """A path below `storage`, keeping a URI's query (`s3://b/runs?endpoint_override=...`)."""
     base, sep, query = storage.partition("?")

@@ -12,7 +12,6 @@ the file or key named instead of deep inside a worker.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ from components.training.resources import (
     run_request,
     wait_for_resources,
 )
-from components.training.storage import finished_uri_checkpoint, is_uri, join
+from components.training.storage import absolute_storage, finished_uri_checkpoint, is_uri, join
 
 
 @dataclass
@@ -100,11 +99,6 @@ def _exists(root: str) -> bool:
     if "://" in root:
         return True  # remote datasets are never generated here
     return (Path(root) / "dataset.json").exists()
-
-
-def absolute_storage(path: str) -> str:
-    """A storage path as Ray wants it: a URI as is, a local path made absolute."""
-    return path if "://" in path else os.path.abspath(path)
 
 
 def storage_of(cfg: Config) -> str:

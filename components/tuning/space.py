@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from components.config import (
     merge_config,
     validate,
 )
+from components.training.storage import absolute_storage
 from components.tuning.distributions import DISTRIBUTIONS, Distribution, parse_distribution
 
 SCHEDULERS = ("asha", "fifo")
@@ -155,7 +155,7 @@ def absolute_local_paths(cfg: Config) -> Config:
     nothing; absolute paths also let best.yaml run from any directory."""
 
     def absolute(path: str | None) -> str | None:
-        return path if path is None or "://" in path else os.path.abspath(path)
+        return None if path is None else absolute_storage(path)
 
     model, teacher = cfg.model, cfg.teacher
     return dataclasses.replace(
