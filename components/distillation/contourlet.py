@@ -118,6 +118,23 @@ def laplacian_pyramid(x: Tensor, levels: int) -> tuple[list[Tensor], Tensor]:
     return bands, low
 
 
+@functools.lru_cache(maxsize=128)
+def _band_matrix(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n,n) EXPAND · REDUCE along one axis: the low-pass that level 1 of the pyramid removes."""
+    down, expand = _pyramid_matrices(n, torch.device("cpu"), torch.float64)
+    return (expand @ down).to(device, dtype).contiguous()
+
+
+def laplacian_band(x: Tensor) -> Tensor:
+    """The first band-pass map of `laplacian_pyramid` alone, B_1 = X − blur(up2(down2(blur X))),
+    as X − S_H X S_Wᵀ with the (n,n) products of `_band_matrix`: two matmuls instead of four.
+    x: (…,H,W) with H, W >= 3 (else ValueError, as for the pyramid)."""
+    _check_levels(1, x.shape[-2], x.shape[-1])
+    s_h = _band_matrix(x.shape[-2], x.device, x.dtype)
+    s_w = _band_matrix(x.shape[-1], x.device, x.dtype)
+    return x - s_h @ x @ s_w.T
+
+
 def reconstruct_laplacian(bands: list[Tensor], low: Tensor) -> Tensor:
     """Exact inverse of `laplacian_pyramid`: X_{n-1} = B_n + blur(up2(X_n)), from n = L down."""
     x = low
@@ -249,6 +266,52 @@ def _subband_moments(s: Tensor, t: Tensor, directions: int) -> tuple[Tensor, Ten
     return power_s, power_t, cross
 
 
+# Maps of at most this many pixels take L_str's spectra from one precomputed matrix (the pyramid
+# and rfft2 folded into a (HW, 2K) real operator, `_spectrum_operator`): a few matmuls instead of
+# dozens of small ops. Larger maps take the FFT path, whose cost grows as HW log HW rather than
+# HW·K. Measured crossover on a 2-core CPU, batch 8 x 32 channels: between 16x16 (dense 1.3 ms,
+# FFT 2.7 ms forward + backward) and 24x24 (4.9 vs 4.1 ms).
+_DENSE_MAX_PIXELS = 400
+
+
+@functools.lru_cache(maxsize=32)
+def _spectrum_operator(
+    height: int, width: int, levels: int, directions: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """L_str's linear part as matrices: `operator` (HW, 2K) maps a flattened height x width map
+    to the real and imaginary parts of the rfft2 of each of its `levels` Laplacian bands
+    (K = Σ_n K_n bins over the levels), and `weights` (2K, L·D) block-diagonal maps the squared
+    parts to the sub-band energies of `_subband_moments`, level n's Parseval norm (H_n W_n)²
+    folded in. Built in float64 by running `laplacian_pyramid` and rfft2 on the HW unit
+    impulses, so it is the FFT path's arithmetic exactly, in another order."""
+    impulses = torch.eye(height * width, dtype=torch.float64).reshape(-1, 1, height, width)
+    bands, _ = laplacian_pyramid(impulses, levels)
+    columns, blocks = [], []
+    cpu = torch.device("cpu")
+    for band in bands:
+        h, w = band.shape[-2:]
+        spectrum = torch.fft.rfft2(band).flatten(1)  # (HW, K_n)
+        columns += [spectrum.real, spectrum.imag]
+        energy = _power_weights(h, w, directions, cpu, torch.float64) / float(h * w) ** 2
+        blocks.append(torch.cat([energy, energy], dim=0))  # the real and the imaginary rows
+    operator, weights = torch.cat(columns, dim=1), torch.block_diag(*blocks)
+    return operator.to(device, dtype).contiguous(), weights.to(device, dtype).contiguous()
+
+
+def _level_moments(s: Tensor, t: Tensor, levels: int, directions: int) -> tuple[Tensor, ...]:
+    """`_subband_moments` of every pyramid level of s and t (B,C,H,W), concatenated over the
+    levels: var_s, var_t, cov, each (B,C,L·D)."""
+    h, w = s.shape[-2:]
+    if h * w <= _DENSE_MAX_PIXELS:
+        operator, weights = _spectrum_operator(h, w, levels, directions, s.device, s.dtype)
+        zs, zt = s.flatten(2) @ operator, t.flatten(2) @ operator  # (B,C,2K)
+        return (zs * zs) @ weights, (zt * zt) @ weights, (zs * zt) @ weights
+    s_bands, _ = laplacian_pyramid(s, levels)
+    t_bands, _ = laplacian_pyramid(t, levels)
+    per_level = [_subband_moments(a, b, directions) for a, b in zip(s_bands, t_bands)]
+    return tuple(torch.cat(m, dim=-1) for m in zip(*per_level))
+
+
 def structural_texture_loss(
     student_low: Tensor, teacher_low: Tensor, levels: int = 2, directions: int = 8
 ) -> Tensor:
@@ -263,21 +326,18 @@ def structural_texture_loss(
 
     Computed in closed form from the sub-bands' second moments: with σ² = var + eps,
     mean_space((S−μ_S)/σ_S − (T−μ_T)/σ_T)² = var_S/σ_S² + var_T/σ_T² − 2 cov/(σ_S σ_T), and the
-    moments come from the band's spectrum (`_subband_moments`). Equal to building the sub-bands
-    with `contourlet` and standardising them (a test checks it), at a fraction of the cost: no
-    inverse FFTs and no D-fold copies of the band in memory.
+    moments come from the band's spectrum (`_subband_moments`; on small maps one precomputed
+    matrix, `_spectrum_operator`). Equal to building the sub-bands with `contourlet` and
+    standardising them (tests check both paths), at a fraction of the cost: no inverse FFTs and
+    no D-fold copies of the band in memory.
 
     student_low, teacher_low: (B,C,h,w), equal (B,C); the student is resized to the teacher's
     size when they differ. Returns a float32 scalar.
     """
     student, teacher = match_teacher_size(student_low, teacher_low, "structural_texture_loss")
     _check_directions(directions)
-    s_bands, _ = laplacian_pyramid(student, levels)
-    t_bands, _ = laplacian_pyramid(teacher, levels)
-    total = student.new_zeros(())
-    for s, t in zip(s_bands, t_bands):
-        var_s, var_t, cov = _subband_moments(s, t, directions)
-        sd_s, sd_t = torch.sqrt(var_s + _NORM_EPS), torch.sqrt(var_t + _NORM_EPS)
-        mse = var_s / sd_s**2 + var_t / sd_t**2 - 2 * cov / (sd_s * sd_t)
-        total = total + mse.clamp_min(0).mean(dim=(0, 1)).sum()
-    return total
+    _check_levels(levels, teacher.shape[-2], teacher.shape[-1])
+    var_s, var_t, cov = _level_moments(student, teacher, levels, directions)
+    sd_s, sd_t = torch.sqrt(var_s + _NORM_EPS), torch.sqrt(var_t + _NORM_EPS)
+    mse = var_s / sd_s**2 + var_t / sd_t**2 - 2 * cov / (sd_s * sd_t)
+    return mse.clamp_min(0).mean(dim=(0, 1)).sum()
