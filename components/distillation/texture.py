@@ -27,10 +27,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from components.distillation.contourlet import laplacian_pyramid, match_teacher_size, max_levels
+from components.distillation.contourlet import laplacian_band, match_teacher_size, max_levels
 
 _GRIDS = (1, 2, 3, 6)
 _IMPORTANCE_FLOOR = 1e-3  # a flat cell's pixels still count, relative to the map's mean energy
@@ -40,14 +39,13 @@ _COS_EPS = 1e-8  # a zero feature vector has similarity 0 to everything
 
 
 def _importance(feat: Tensor) -> Tensor:
-    """Per-pixel texture energy (B,1,H,W), no gradient: |B_1| (the level-1 Laplacian band-pass of
-    `contourlet.laplacian_pyramid`) averaged over channels, plus a floor of 1e-3 × its mean over
-    the map so all-flat cells fall back to a plain average. Maps under 3 px get uniform weights."""
+    """Per-pixel texture energy (B,1,H,W), no gradient: |B_1| (the level-1 Laplacian band-pass,
+    `contourlet.laplacian_band`) averaged over channels, plus a floor of 1e-3 × its mean over the
+    map so all-flat cells fall back to a plain average. Maps under 3 px get uniform weights."""
     b, _, h, w = feat.shape
     if max_levels(h, w) < 1:
         return feat.new_ones(b, 1, h, w)
-    bands, _ = laplacian_pyramid(feat.detach(), 1)
-    energy = bands[0].abs().mean(dim=1, keepdim=True)
+    energy = laplacian_band(feat.detach()).abs().mean(dim=1, keepdim=True)
     return energy + _IMPORTANCE_FLOOR * energy.mean(dim=(2, 3), keepdim=True) + 1e-12
 
 
@@ -64,46 +62,47 @@ def anchor_similarity(feat: Tensor, grids: Sequence[int] = _GRIDS) -> Tensor:
         raise ValueError(f"DTIEM grids must be positive integers, got {grids!r}")
     _, _, h, w = feat.shape
     weight = _importance(feat).flatten(2)  # (B,1,HW)
-    member, owner, segment = _cell_matrices(h, w, tuple(grids), feat.device, feat.dtype)
+    member, owner = _cell_matrices(h, w, tuple(grids), feat.device, feat.dtype)
     flat = feat.flatten(2)  # (B,C,HW)
     # All cells of all grids at once (K = Σ g² of them): weighted sums, unit anchors, and every
-    # pixel's dot product with every unit anchor; `owner` keeps the one of its cell per grid.
+    # pixel's dot product with every unit anchor; `owner` picks the one of its cell per grid.
     anchors = (flat * weight) @ member / (weight @ member).clamp_min(1e-30)  # (B,C,K)
-    anchors = anchors / anchors.norm(dim=1, keepdim=True).clamp_min(_COS_EPS)
-    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(_COS_EPS)
-    dots = unit.transpose(1, 2) @ anchors  # (B,HW,K)
-    return ((dots * owner) @ segment).transpose(1, 2)  # (B,G,HW)
+    dots = _unit(flat).transpose(1, 2) @ _unit(anchors)  # (B,HW,K)
+    return dots.gather(-1, owner.expand(dots.shape[0], -1, -1)).transpose(1, 2)  # (B,G,HW)
+
+
+def _unit(x: Tensor) -> Tensor:
+    """x / max(‖x‖, eps) along dim 1, as x · rsqrt(max(Σx², eps²)): the same value as with
+    `Tensor.norm`, whose CPU kernel and backward cost several times more on these small maps.
+    Clamping the sum (not the root) keeps the gradient finite for a zero vector."""
+    return x * torch.rsqrt((x * x).sum(dim=1, keepdim=True).clamp_min(_COS_EPS**2))
 
 
 @functools.lru_cache(maxsize=64)
 def _cell_matrices(
     h: int, w: int, grids: tuple[int, ...], device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """The cells of all grids of an h×w map, K = Σ g² of them (grid by grid, row-major):
     `member` (HW,K) 1 where a pixel lies in a cell — adaptive_avg_pool2d's regions, rows
-    [⌊i·h/g⌋, ⌈(i+1)·h/g⌉), which overlap when g does not divide h; `owner` (HW,K) 1 at the cell
-    (⌊y·g/h⌋, ⌊x·g/w⌋) whose anchor pixel (y, x) takes, one per grid; `segment` (K,G) 1 where a
-    cell belongs to grid k. Pooling and nearest upsampling become matmuls (indexing and its
-    index_put backward are several times slower on CPU)."""
+    [⌊i·h/g⌋, ⌈(i+1)·h/g⌉), which overlap when g does not divide h — so pooling is a matmul
+    (indexing and its index_put backward are several times slower on CPU); `owner` (HW,G) int64,
+    per grid the cell (⌊y·g/h⌋, ⌊x·g/w⌋) whose anchor pixel (y, x) takes, as a column of
+    `member` (for `gather`: nearest upsampling of the anchors)."""
 
-    def axis(n: int, g: int) -> tuple[Tensor, Tensor]:
+    def axis(n: int, g: int) -> Tensor:
         inside = torch.zeros(g, n, dtype=dtype)
         for i in range(g):
             inside[i, (i * n) // g : -(-((i + 1) * n) // g)] = 1
-        owned = F.one_hot(torch.arange(n) * g // n, g).to(dtype).T  # (g,n)
-        return inside, owned
+        return inside
 
-    members, owners, segments = [], [], []
-    for k, g in enumerate(grids):
-        in_y, own_y = axis(h, g)
-        in_x, own_x = axis(w, g)
-        members.append(torch.einsum("iy,jx->yxij", in_y, in_x).reshape(h * w, g * g))
-        owners.append(torch.einsum("iy,jx->yxij", own_y, own_x).reshape(h * w, g * g))
-        segments.append(F.one_hot(torch.full((g * g,), k), len(grids)).to(dtype))
-    return tuple(
-        m.to(device).contiguous()
-        for m in (torch.cat(members, 1), torch.cat(owners, 1), torch.cat(segments, 0))
-    )  # type: ignore[return-value]
+    members, owners, offset = [], [], 0
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    for g in grids:
+        members.append(torch.einsum("iy,jx->yxij", axis(h, g), axis(w, g)).reshape(h * w, g * g))
+        owners.append((offset + (ys * g // h) * g + xs * g // w).flatten())
+        offset += g * g
+    member = torch.cat(members, 1).to(device).contiguous()
+    return member, torch.stack(owners, 1).to(device).contiguous()
 
 
 def quantization_levels(s: Tensor, num_levels: int = 16, iterations: int = 3) -> Tensor:
@@ -150,6 +149,8 @@ def soft_assignment(s: Tensor, levels: Tensor) -> Tensor:
     above = torch.cat([gaps, gaps[..., -1:]], dim=-1).unsqueeze(-2)
     diff = s.unsqueeze(-1) - levels.unsqueeze(-2)  # (…, M, N)
     width = torch.where(diff >= 0, above, below)
+    if not (torch.is_grad_enabled() and s.requires_grad):  # the teacher: one buffer, in place
+        return diff.abs_().div_(width).neg_().add_(1).clamp_min_(0)
     return (1 - diff.abs() / width).clamp_min(0)
 
 

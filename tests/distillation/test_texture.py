@@ -83,15 +83,29 @@ def _hist_of(h: list[float]) -> torch.Tensor:
     return torch.tensor(h, dtype=torch.float64).view(1, 1, -1)
 
 
-@pytest.mark.parametrize("size", [(6, 6), (5, 7)])
-def test_anchor_similarity_matches_numpy_reference(size):
+@pytest.mark.parametrize(
+    "size, grids", [((6, 6), (1, 2)), ((5, 7), (1, 2)), ((12, 12), (1, 2, 3, 6)), ((7, 10), (3, 6))]
+)
+def test_anchor_similarity_matches_numpy_reference(size, grids):
+    # (12, 12) with the default grids is the default config's low map; (7, 10) has overlapping
+    # cells (g does not divide the size) and pixels whose cell is not the first that holds them.
     feat = torch.randn(2, 3, *size, dtype=torch.float64)
-    got = anchor_similarity(feat, grids=(1, 2))
-    assert tuple(got.shape) == (2, 2, size[0] * size[1])
+    got = anchor_similarity(feat, grids=grids)
+    assert tuple(got.shape) == (2, len(grids), size[0] * size[1])
     for i in range(2):
         np.testing.assert_allclose(
-            got[i].numpy(), _np_anchor_similarity(feat[i].numpy(), (1, 2)), atol=1e-10
+            got[i].numpy(), _np_anchor_similarity(feat[i].numpy(), grids), atol=1e-10
         )
+
+
+def test_anchor_similarity_of_a_zero_feature_vector_is_zero_with_finite_gradients():
+    feat = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    feat[0, :, 2, 3] = 0
+    feat.requires_grad_()
+    s = anchor_similarity(feat)
+    assert (s[0, :, 2 * 6 + 3] == 0).all()
+    s.sum().backward()
+    assert torch.isfinite(feat.grad).all() and feat.grad.abs().sum() > 0
 
 
 def test_anchor_similarity_is_one_for_a_spatially_constant_feature():
