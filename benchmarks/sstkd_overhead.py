@@ -3,7 +3,8 @@
     python benchmarks/sstkd_overhead.py                       # the default config, CPU or GPU
     python benchmarks/sstkd_overhead.py --batch 16 --crop 96 model.width=0.5
 
-Two methods on the same models and batches, interleaved step by step so machine noise hits both:
+Two methods on the same models and batches, interleaved step by step (alternating which goes
+first) so machine noise hits both:
 `kd` (CE + aux + pixel KD) and `kd + texture` (the same plus L_str and L_sta, i.e. SSTKD with the
 adversarial term off). A step is teacher forward + student forward + losses + backward +
 optimizer step. Memory: the bytes autograd saves for backward inside the two texture losses
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {label: [] for label in methods}
     peaks: dict[str, int] = {}
     for step in range(args.steps + 5):
-        for label, (method, opt, _) in methods.items():
+        # Alternate which method goes first, so neither always runs on the other's warm caches.
+        order = list(methods.items()) if step % 2 == 0 else list(methods.items())[::-1]
+        for label, (method, opt, _) in order:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -114,6 +117,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{stat:>16}: kd {kd_ms:7.1f} ms, kd + texture {tex_ms:7.1f} ms"
             f"  -> ratio {tex_ms / kd_ms:.3f}   ({args.steps} steps each)"
         )
+    # Each step's two timings are taken back to back, so their ratio cancels the slow swings of
+    # a shared machine's speed; the median of the per-step ratios and its interquartile range.
+    paired = sorted(t / k for t, k in zip(times["kd + texture"], times["kd"]))
+    q = len(paired) // 4
+    print(
+        f"{'paired ratio':>16}: median {statistics.median(paired):.3f}"
+        f"  (interquartile {paired[q]:.3f} – {paired[-q - 1]:.3f})"
+    )
     print(f"texture losses save {texture_bytes / 2**20:.2f} MiB for backward")
     if peaks:
         print(
