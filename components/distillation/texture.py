@@ -62,13 +62,15 @@ def anchor_similarity(feat: Tensor, grids: Sequence[int] = _GRIDS) -> Tensor:
         raise ValueError(f"DTIEM grids must be positive integers, got {grids!r}")
     _, _, h, w = feat.shape
     weight = _importance(feat).flatten(2)  # (B,1,HW)
-    member, owner = _cell_matrices(h, w, tuple(grids), feat.device, feat.dtype)
+    member, pick = _cell_matrices(h, w, tuple(grids), feat.device, feat.dtype)
     flat = feat.flatten(2)  # (B,C,HW)
     # All cells of all grids at once (K = Σ g² of them): weighted sums, unit anchors, and every
-    # pixel's dot product with every unit anchor; `owner` picks the one of its cell per grid.
+    # pixel's dot product with every unit anchor; `pick` keeps the one of its cell per grid
+    # (index_select: unlike gather, its backward does not keep the (B,HW,K) dots alive).
     anchors = (flat * weight) @ member / (weight @ member).clamp_min(1e-30)  # (B,C,K)
     dots = _unit(flat).transpose(1, 2) @ _unit(anchors)  # (B,HW,K)
-    return dots.gather(-1, owner.expand(dots.shape[0], -1, -1)).transpose(1, 2)  # (B,G,HW)
+    picked = dots.flatten(1).index_select(1, pick)  # (B,HW·G)
+    return picked.view(dots.shape[0], h * w, -1).transpose(1, 2)  # (B,G,HW)
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -85,9 +87,9 @@ def _cell_matrices(
     """The cells of all grids of an h×w map, K = Σ g² of them (grid by grid, row-major):
     `member` (HW,K) 1 where a pixel lies in a cell — adaptive_avg_pool2d's regions, rows
     [⌊i·h/g⌋, ⌈(i+1)·h/g⌉), which overlap when g does not divide h — so pooling is a matmul
-    (indexing and its index_put backward are several times slower on CPU); `owner` (HW,G) int64,
-    per grid the cell (⌊y·g/h⌋, ⌊x·g/w⌋) whose anchor pixel (y, x) takes, as a column of
-    `member` (for `gather`: nearest upsampling of the anchors)."""
+    (indexing and its index_put backward are several times slower on CPU); `pick` (HW·G,) int64,
+    for pixel i = y·w + x and grid k at i·G + k, the flat index i·K + c into (HW,K) of the cell
+    c = (⌊y·g/h⌋, ⌊x·g/w⌋) whose anchor the pixel takes (nearest upsampling of the anchors)."""
 
     def axis(n: int, g: int) -> Tensor:
         inside = torch.zeros(g, n, dtype=dtype)
@@ -101,8 +103,9 @@ def _cell_matrices(
         members.append(torch.einsum("iy,jx->yxij", axis(h, g), axis(w, g)).reshape(h * w, g * g))
         owners.append((offset + (ys * g // h) * g + xs * g // w).flatten())
         offset += g * g
-    member = torch.cat(members, 1).to(device).contiguous()
-    return member, torch.stack(owners, 1).to(device).contiguous()
+    member = torch.cat(members, 1)
+    pick = torch.arange(h * w).unsqueeze(1) * member.shape[1] + torch.stack(owners, 1)
+    return member.to(device).contiguous(), pick.flatten().to(device)
 
 
 def quantization_levels(s: Tensor, num_levels: int = 16, iterations: int = 3) -> Tensor:
