@@ -3,17 +3,19 @@
     python benchmarks/sstkd_overhead.py                       # the default config, CPU or GPU
     python benchmarks/sstkd_overhead.py --batch 16 --crop 96 model.width=0.5
 
-Two methods on the same models and batches, interleaved step by step (alternating which goes
-first) so machine noise hits both:
-`kd` (CE + aux + pixel KD) and `kd + texture` (the same plus L_str and L_sta, i.e. SSTKD with the
-adversarial term off). A step is teacher forward + student forward + losses + backward +
-optimizer step. Memory: the bytes autograd saves for backward inside the two texture losses
-(device-independent), and on CUDA the peak allocated memory of each step.
+Three arms on the same models and batches, interleaved step by step (rotating which goes first)
+so machine noise hits all: `kd` (CE + aux + pixel KD), `kd + texture` (the same plus the 1x1
+adapter, L_str and L_sta, i.e. SSTKD with the adversarial term off) and `kd + adapter` (that
+method with L_str and L_sta stubbed to a zero term, so only the adapter's cost remains). A step
+is teacher forward + student forward + losses + backward + optimizer step. Memory: the bytes
+autograd saves for backward inside the two texture losses (device-independent), and on CUDA the
+peak allocated memory of each step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -24,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.config import merge_config
+from components.distillation import distiller
 from components.distillation.build import build_method
 from components.distillation.contourlet import structural_texture_loss
 from components.distillation.texture import statistical_texture_loss
@@ -44,6 +47,26 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+@contextlib.contextmanager
+def _texture_stubbed(active: bool):
+    """With `active`, L_str and L_sta are a zero term on the adapted student map while the block
+    runs: the step keeps the 1x1 conv + BN adapter's forward and backward and nothing else of the
+    texture modules, so `kd + texture` over it is the cost of CDM + DTIEM alone."""
+    if not active:
+        yield
+        return
+    saved = distiller.structural_texture_loss, distiller.statistical_texture_loss
+    distiller.structural_texture_loss = distiller.statistical_texture_loss = _zero_term
+    try:
+        yield
+    finally:
+        distiller.structural_texture_loss, distiller.statistical_texture_loss = saved
+
+
+def _zero_term(student: torch.Tensor, teacher: torch.Tensor, *settings) -> torch.Tensor:
+    return (student * 0).sum()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -56,7 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     k = 5
     methods = {}
-    for label, extra in (("kd", ["method.name=kd"]), ("kd + texture", ["method.weights.adv=0"])):
+    arms = (
+        ("kd", ["method.name=kd"]),
+        ("kd + adapter", ["method.weights.adv=0"]),  # run with the texture losses stubbed out
+        ("kd + texture", ["method.weights.adv=0"]),
+    )
+    for label, extra in arms:
         cfg = merge_config(None, [*args.overrides, *extra])
         torch.manual_seed(0)
         student = build_model(cfg.model, k).to(device)
@@ -73,17 +101,19 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {label: [] for label in methods}
     peaks: dict[str, int] = {}
     for step in range(args.steps + 5):
-        # Alternate which method goes first, so neither always runs on the other's warm caches.
-        order = list(methods.items()) if step % 2 == 0 else list(methods.items())[::-1]
+        # Rotate which method goes first, so none always runs on another's warm caches.
+        items = list(methods.items())
+        order = items[step % 3 :] + items[: step % 3]
         for label, (method, opt, _) in order:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            terms = method.training_step(batch)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
+            with _texture_stubbed(label == "kd + adapter"):
+                terms = method.training_step(batch)
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 peaks[label] = torch.cuda.max_memory_allocated()
@@ -111,26 +141,26 @@ def main(argv: list[str] | None = None) -> None:
         ("25th percentile", lambda t: sorted(t)[len(t) // 4]),
         ("median", statistics.median),
     ):
-        kd_ms = 1000 * fn(times["kd"])
-        tex_ms = 1000 * fn(times["kd + texture"])
+        kd_ms, ad_ms, tex_ms = (1000 * fn(times[label]) for label in methods)
         print(
-            f"{stat:>16}: kd {kd_ms:7.1f} ms, kd + texture {tex_ms:7.1f} ms"
-            f"  -> ratio {tex_ms / kd_ms:.3f}   ({args.steps} steps each)"
+            f"{stat:>16}: kd {kd_ms:6.1f} ms, kd + adapter {ad_ms:6.1f} ms, kd + texture "
+            f"{tex_ms:6.1f} ms -> ratio {tex_ms / kd_ms:.3f} ({args.steps} steps each)"
         )
-    # Each step's two timings are taken back to back, so their ratio cancels the slow swings of
-    # a shared machine's speed; the median of the per-step ratios and its interquartile range.
-    paired = sorted(t / k for t, k in zip(times["kd + texture"], times["kd"]))
-    q = len(paired) // 4
-    print(
-        f"{'paired ratio':>16}: median {statistics.median(paired):.3f}"
-        f"  (interquartile {paired[q]:.3f} – {paired[-q - 1]:.3f})"
-    )
+    # Each step's timings are taken back to back, so their ratio cancels the slow swings of a
+    # shared machine's speed; the median of the per-step ratios and its interquartile range.
+    for name, num, den in (
+        ("paired ratio", "kd + texture", "kd"),
+        ("CDM + DTIEM only", "kd + texture", "kd + adapter"),
+    ):
+        paired = sorted(t / k for t, k in zip(times[num], times[den]))
+        q = len(paired) // 4
+        print(
+            f"{name:>16}: median {statistics.median(paired):.3f}"
+            f"  (interquartile {paired[q]:.3f} – {paired[-q - 1]:.3f})   {num} / {den}"
+        )
     print(f"texture losses save {texture_bytes / 2**20:.2f} MiB for backward")
     if peaks:
-        print(
-            f"peak allocated: kd {peaks['kd'] / 2**20:.1f} MiB, "
-            f"kd + texture {peaks['kd + texture'] / 2**20:.1f} MiB"
-        )
+        print("peak allocated: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in peaks.items()))
 
 
 if __name__ == "__main__":

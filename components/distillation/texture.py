@@ -152,7 +152,8 @@ def soft_assignment(s: Tensor, levels: Tensor) -> Tensor:
     above = torch.cat([gaps, gaps[..., -1:]], dim=-1).unsqueeze(-2)
     diff = s.unsqueeze(-1) - levels.unsqueeze(-2)  # (…, M, N)
     width = torch.where(diff >= 0, above, below)
-    if not (torch.is_grad_enabled() and s.requires_grad):  # the teacher: one buffer, in place
+    if not (torch.is_grad_enabled() and (s.requires_grad or levels.requires_grad)):
+        # No graph to keep (the teacher's descriptor): one buffer, in place.
         return diff.abs_().div_(width).neg_().add_(1).clamp_min_(0)
     return (1 - diff.abs() / width).clamp_min(0)
 
