@@ -1,0 +1,254 @@
+"""The configuration schema: every key, its type and its default, as nested dataclasses.
+
+`components.config` fills them from a YAML file and `key.sub=value` overrides (OmegaConf
+structured configs) and validates the values; it re-exports everything here, so
+`from components.config import Config, ModelConfig` is the usual import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+MITS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
+BACKBONES = RESNETS + MITS
+HEADS = ("deeplabv3", "pspnet", "segformer")
+SUPERVISED_METHODS = ("none", "kd", "cwd", "skd", "adversarial", "cirkd", "sstkd")
+SEMISUP_METHODS = ("fixmatch", "cross_image")
+WEAKLY_METHODS = ("tscd",)
+METHODS = SUPERVISED_METHODS + SEMISUP_METHODS + WEAKLY_METHODS
+REFINEMENTS = ("varm", "plain", "none")
+STRONG_AUGMENTATIONS = ("colour_jitter", "grayscale", "blur", "cutmix")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The procedural texture dataset made when `data.root` does not exist yet."""
+
+    num_train: int = 512
+    num_val: int = 64
+    num_unlabeled: int = 0
+    size: int = 48
+    num_classes: int = 5
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"  # folder (or URI) holding dataset.json and one folder per split
+    generate_synthetic: bool = True  # make the synthetic dataset at `root` when it is absent
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train_split: str = "train"
+    val_split: str = "val"
+    # Semi-supervised runs (pipelines/semisup.py): the split of unlabeled images (its masks, if
+    # any, are only used for diagnostics), and how many of `train_split`'s rows keep their
+    # labels (None: all; N: a seeded random N, the rest join the unlabeled stream unlabeled).
+    unlabeled_split: str = "unlabeled"
+    labeled_count: int | None = None
+    unlabeled_batch_size: int | None = None  # per worker; None: batch_size (ratio 1:1)
+    # Passes over the training split per epoch (small labeled sets: fewer, longer epochs, so a
+    # supervised baseline makes as many steps per epoch as a semi-supervised run).
+    train_repeat: int = 1
+    num_classes: int | None = None  # if set, must equal dataset.json's num_classes
+    crop_size: int = 48
+    scale_min: float = 0.75
+    scale_max: float = 1.5
+    flip: bool = True
+    batch_size: int = 8  # per worker
+    val_batch_size: int = 8  # per worker
+    max_bad_fraction: float = 0.01  # fail when more than this share of rows is undecodable
+    shuffle_seed: int = 0
+    prefetch_batches: int = 2
+    # Keep the encoded rows in the object store after the first epoch (None: when they take
+    # under 20% of it). Saves re-listing and re-reading the shards every epoch.
+    cache_encoded: bool | None = None
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    head: str = "deeplabv3"
+    width: float = 1.0  # channel multiplier of backbone and head (0.25 for CPU tests)
+    output_stride: int = 8  # ResNet: 8 or 16; MiT: 8, 16 (AFA/TSCD) or 32 (SegFormer)
+    aux_head: bool = True  # ResNet heads only
+    # Local pretrained backbone weights: a torchvision-format ResNet state_dict, or a SegFormer
+    # ImageNet release (mit_b*.pth) for MiT backbones.
+    pretrained: str | None = None
+    # Weakly supervised networks (MiT + SegFormer): the image-level classifier (1x1 conv, no bias,
+    # global max pooling) and the affinity head on the last stage's attention maps.
+    cls_head: bool = False
+    drop_path: float = 0.1  # MiT stochastic depth rate
+
+
+@dataclass
+class TeacherConfig:
+    # A run dir or checkpoint file of a trained teacher. When unset, distill.py trains one with
+    # `method: none` on the same data (cached under trainer.storage_path and reused next time).
+    checkpoint: str | None = None
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18", width=0.5))
+    # Only used when the teacher is trained here. 10 epochs of the default data = 640 steps:
+    # enough for a teacher that clearly beats the student (docs/benchmarks.md).
+    epochs: int = 10
+    lr: float = 0.02
+
+
+@dataclass
+class MethodWeights:
+    """Loss weights. A weight of 0 switches its term off (and skips computing it). `None` means
+    the published default of the chosen method (docs/methods.md lists them)."""
+
+    ce: float = 1.0  # cross-entropy on the labels
+    aux: float = 0.4  # auxiliary-head cross-entropy
+    pi: float | None = None  # pixel-wise logit KD: 1.0 (kd, cirkd), 10.0 (sstkd)
+    adv: float | None = None  # adversarial term of the student: 0.001 (adversarial), 0.1 (sstkd)
+    critic: float = 0.1  # λ_d, the critic's own loss weight (adversarial, sstkd)
+    cwd_feat: float = 50.0  # CWD on the pre-classifier features
+    cwd_logit: float = 3.0  # CWD on the logits
+    skd: float = 10.0  # SKD pair-wise affinity
+    batch_pixel: float = 1.0  # CIRKD mini-batch pixel-pixel relation
+    memory_pixel: float = 0.1  # CIRKD pixel-to-memory-pixel contrast
+    memory_region: float = 0.1  # CIRKD pixel-to-memory-region contrast
+    unsup: float = 1.0  # semi-supervised: CE on the EMA teacher's confident pseudo labels
+    relation: float = 1.0  # cross-image relation distillation (inter-channel, labeled x unlabeled)
+    style: float = 0.1  # cross-image style distillation (feature statistics)
+    cls: float = 1.0  # weakly supervised: multi-label soft margin on the image-level labels
+    seg: float = 0.1  # weakly supervised: CE on the refined CAM pseudo labels
+    aff: float = 0.1  # weakly supervised: affinity from attention vs pseudo-label affinity
+    scd: float = 0.1  # self correspondence distillation
+    sta: float = 1.0  # SSTKD statistical texture (DTIEM)
+    str: float = 1.0  # SSTKD structural texture (CDM); last, as the name shadows the builtin
+
+
+@dataclass
+class DTIEMConfig:
+    """Denoised Texture Intensity Equalization Module (SSTKD statistical texture)."""
+
+    levels: int = 16  # quantization levels N (Tune range 4-128)
+    iterations: int = 3  # Lloyd-Max refinement rounds T
+    clip: float = 2.0  # β: histogram bins are clipped at β/N
+
+
+@dataclass
+class CDMConfig:
+    """Contourlet Decomposition Module (SSTKD structural texture)."""
+
+    levels: int = 2  # Laplacian pyramid levels
+    directions: int = 8  # directional sub-bands per level (a power of two)
+
+
+@dataclass
+class AdversarialConfig:
+    """WGAN-GP critic on (image, class probabilities) for holistic distillation."""
+
+    critic_lr: float = 4e-4
+    gradient_penalty: float = 10.0
+    critic_width: int = 64  # channels of the critic's first conv
+
+
+@dataclass
+class CIRKDConfig:
+    """Cross-image relational KD: mini-batch relations and class memory banks."""
+
+    batch_temperature: float = 0.1
+    memory_temperature: float = 0.1
+    # Per class. The paper keeps 20000 / 2000 and samples negatives from them; here every filled
+    # entry is a negative, so smaller queues give a similar count (docs/methods.md).
+    pixel_memory_size: int = 256
+    region_memory_size: int = 64
+    pixels_per_class: int = 16  # enqueued per image and class
+    num_anchors: int = 1024  # student pixels contrasted with the memory per step
+
+
+@dataclass
+class SemiSupConfig:
+    """The mean-teacher/FixMatch base and cross-image distillation (METHODS.md §3)."""
+
+    threshold: float = 0.95  # pseudo-label confidence threshold
+    ema_momentum: float = 0.999  # EMA teacher momentum (ramped: min(m, 1 - 1/(t+1)))
+    # Strong-view augmentations of unlabeled images (any subset, in this order of application).
+    strong: list[str] = field(default_factory=lambda: list(STRONG_AUGMENTATIONS))
+    cutmix_prob: float = 0.5  # share of unlabeled images that get a CutMix box
+    relation_temperature: float = 0.1  # τ of the relation matrices
+    style_memory_momentum: float | None = None  # None: the labeled batch's statistics
+    feature: str = "embed"  # the feature map of relation and style: embed, high or low
+    evaluate: str = "student"  # which model is evaluated and exported: student or ema
+
+
+@dataclass
+class WeaklyConfig:
+    """TSCD / AFA weakly supervised segmentation from image-level labels (METHODS.md §2)."""
+
+    cam_scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5])  # first must be 1
+    cam_flip: bool = True
+    high_threshold: float = 0.55  # background score of the confident pseudo label
+    low_threshold: float = 0.35  # background score of the permissive one; between: ignore
+    refine: str = "varm"  # varm (TSCD), plain (AFA-style, appearance only) or none
+    refine_iterations: int = 10
+    refine_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+    variation_weight: float = 0.01  # VARM's weight of the variation softmax
+    affinity_radius: int = 8  # feature-map pixels
+    scd_scale: float = 0.3  # the second view of SCD: the image downscaled by this factor
+    scd_points: int = 1600  # points sampled per view (40 x 40)
+    warmup_iters: int = 2000  # classification loss only before this iteration
+
+
+@dataclass
+class MethodConfig:
+    name: str = "sstkd"
+    temperature: float = 1.0  # pixel-wise KD temperature
+    cwd_temperature: float = 4.0
+    skd_pool_size: int = 2  # SKD max-pools features in patches of this size (CIRKD's protocol)
+    weights: MethodWeights = field(default_factory=MethodWeights)
+    dtiem: DTIEMConfig = field(default_factory=DTIEMConfig)
+    cdm: CDMConfig = field(default_factory=CDMConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    cirkd: CIRKDConfig = field(default_factory=CIRKDConfig)
+    semisup: SemiSupConfig = field(default_factory=SemiSupConfig)
+    weakly: WeaklyConfig = field(default_factory=WeaklyConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd or adamw
+    lr: float = 0.02  # of the backbone; the heads get lr * head_lr_mult
+    head_lr_mult: float = 1.0  # 10 in TSCD/AFA (backbone 6e-5, heads 6e-4)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has any
+    cpus_per_worker: float = 1.0
+    # CPU training only: torch threads per worker. None: the node's cores shared among its
+    # workers (Ray would otherwise pin torch to one thread per requested CPU).
+    torch_threads: int | None = None
+    epochs: int = 7
+    storage_path: str = "outputs"  # local path or URI (s3://, gs://); must be shared for multi-node
+    name: str | None = None  # None: derived from the config, so the same command resumes
+    num_to_keep: int = 2
+    max_failures: int = 0  # worker-group restarts from the last checkpoint within one run
+    # A cluster without an autoscaler that is too small for the run: seconds to wait for nodes to
+    # join before failing with the numbers (an autoscaling cluster is checked against its maximum).
+    resource_wait_s: float = 60.0
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    channels_last: bool = True  # on GPU
+    log_every: int = 10  # steps between logged step metrics
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18", width=0.25))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
