@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         ("paired ratio", "kd + texture", "kd"),
         ("CDM + DTIEM only", "kd + texture", "kd + adapter"),
     ):
-        paired = sorted(t / k for t, k in zip(times[num], times[den]))
+        paired = sorted(a / b for a, b in zip(times[num], times[den]))
         q = len(paired) // 4
         print(
             f"{name:>16}: median {statistics.median(paired):.3f}"
