@@ -258,24 +258,23 @@ def test_structural_loss_channel_mismatch_names_both_shapes():
         structural_texture_loss(torch.randn(2, 3, 12, 12), torch.randn(2, 4, 12, 12))
 
 
-def test_structural_loss_paths_agree_at_the_default_map_size_and_above_the_threshold():
+def test_structural_loss_paths_agree_at_the_default_map_size_and_above_the_threshold(
+    monkeypatch,
+):
     # The default config's low map (12x12) takes the matrix path and a 24x24 one the FFT path;
     # forcing each onto the other gives the same loss and gradient.
+    assert 12 * 12 <= contourlet_module._DENSE_MAX_PIXELS < 24 * 24
     for size in (12, 24):
         t = torch.randn(2, 4, size, size)
         s = (t + torch.randn_like(t)).requires_grad_()
         results = []
         for limit in (0, 10**6):
-            contourlet_module._DENSE_MAX_PIXELS, saved = limit, contourlet_module._DENSE_MAX_PIXELS
-            try:
-                loss = structural_texture_loss(s, t)
-                (grad,) = torch.autograd.grad(loss, s)
-            finally:
-                contourlet_module._DENSE_MAX_PIXELS = saved
+            monkeypatch.setattr(contourlet_module, "_DENSE_MAX_PIXELS", limit)
+            loss = structural_texture_loss(s, t)
+            (grad,) = torch.autograd.grad(loss, s)
             results.append((loss.detach(), grad))
         torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
-    assert 12 * 12 <= contourlet_module._DENSE_MAX_PIXELS < 24 * 24
 
 
 @pytest.mark.parametrize("size", [(3, 3), (7, 10), (12, 12)])
