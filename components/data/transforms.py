@@ -197,6 +197,14 @@ def _assemble(
     }
 
 
+def _augment_rng(seed: int | None, ids) -> np.random.Generator:
+    """With `seed`, a generator that is a pure function of (seed, the batch's ids); without it,
+    OS entropy."""
+    if seed is None:
+        return np.random.default_rng()
+    return np.random.default_rng([seed, zlib.crc32("\0".join(map(str, ids)).encode())])
+
+
 def decode_train_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -218,10 +226,7 @@ def decode_train_batch(
     differ from one another but a given batch is reproducible. Without it, OS entropy is used.
     Ray Data tasks do not know the epoch, so augmentation is not replayed on resume either way.
     """
-    if seed is None:
-        rng = np.random.default_rng()
-    else:
-        rng = np.random.default_rng([seed, zlib.crc32("\0".join(map(str, batch["id"])).encode())])
+    rng = _augment_rng(seed, batch["id"])
     if shuffle:
         order = rng.permutation(len(batch["id"]))
         batch = {k: v[order] for k, v in batch.items()}
@@ -348,6 +353,7 @@ def decode_weak_batch(
     ignore_index: int = 255,
     num_classes: int,
     shuffle: bool = False,
+    seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Training rows for weakly supervised segmentation: the image-level labels are the target.
 
@@ -356,9 +362,10 @@ def decode_weak_batch(
     mask when it has a usable one — for diagnostics only, never a training target — else all
     ignore), `background_only` (B,) bool, `valid`, `id`. A row is invalid (all-zero image, logged,
     counted as bad) when its image is undecodable or its `image_labels` is missing or has ids
-    outside 0..K-1; a bad optional mask only blanks the diagnostic mask.
+    outside 0..K-1; a bad optional mask only blanks the diagnostic mask. `seed` as in
+    `decode_train_batch` (default: OS entropy).
     """
-    rng = np.random.default_rng()
+    rng = _augment_rng(seed, batch["id"])
     if shuffle:
         order = rng.permutation(len(batch["id"]))
         batch = {k: v[order] for k, v in batch.items()}

@@ -165,3 +165,18 @@ def test_diagnose_scores_an_oracle_perfectly_and_a_wrong_one_badly(tmp_path):
     assert swapped["cam_miou"] < 0.9
     limited = list(iter_rows(str(tmp_path), "val", K, limit=5))
     assert len(limited) == 5
+
+
+def test_decode_weak_batch_seed_makes_the_augmentation_reproducible():
+    rng = np.random.default_rng(0)
+    image = encode_png(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    batch = _batch([[0, 1]] * 4)
+    batch["image"] = np.array([image] * 4, dtype=object)
+
+    def crops(seed):
+        return decode_weak_batch(
+            batch, crop_size=12, scale_range=(0.5, 2.0), flip=True, num_classes=K, seed=seed
+        )["image"]
+
+    np.testing.assert_array_equal(crops(3), crops(3))
+    assert not np.array_equal(crops(3), crops(4))
