@@ -11,13 +11,13 @@
 
 `root` is a local folder or a URI understood by `pyarrow.fs.FileSystem.from_uri` (s3://, gs://,
 file://, ...). A shard is written under a temporary name and renamed, so a reader never sees a
-half-written `part-*.parquet`.
+half-written `part-*.parquet`. The image/mask byte codecs (`encode_png`, `decode_image`,
+`decode_mask`, `mask_labels`) live in images.py and are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
+
+from components.data.images import decode_image, decode_mask, encode_png, mask_labels
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -359,65 +359,6 @@ def read_shard_tables(root: str, split: str, columns: list[str] | None = None) -
 def read_split_table(root: str, split: str, columns: list[str] | None = None) -> pa.Table:
     """A whole split in memory — for tests and small evaluations, not for training ingest."""
     return pa.concat_tables(read_shard_tables(root, split, columns))
-
-
-# ----------------------------------------------------------------------------------------------
-# Codecs
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """(H, W, 3) or (H, W) uint8 -> PNG bytes (lossless)."""
-    if array.dtype != np.uint8 or not (
-        array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)
-    ):
-        raise ValueError(f"expected (H, W) or (H, W, 3) uint8, got {array.shape} {array.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _open(data: bytes) -> Image.Image:
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from e
-    return img
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> (H, W, 3) uint8 RGB; grey, RGBA and palette images are converted."""
-    img = _open(data)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img)
-
-
-def decode_mask(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W) uint8 class ids.
-
-    Palette PNGs give their palette *indices* (how VOC stores class ids), never RGB.
-    """
-    img = _open(data)
-    if img.mode in ("P", "L"):
-        return np.asarray(img)
-    if img.mode == "1":
-        return np.asarray(img).astype(np.uint8)
-    if img.mode.startswith("I"):
-        values = np.asarray(img)
-        if values.size and (values.min() < 0 or values.max() > 255):
-            raise ValueError(f"mask values outside 0..255 in a mode-{img.mode} PNG")
-        return values.astype(np.uint8)
-    raise ValueError(f"mask must be a single-channel or palette PNG, got mode {img.mode}")
-
-
-def mask_labels(mask: np.ndarray, ignore_index: int = 255) -> list[int]:
-    """Sorted class ids present in an (H, W) mask, `ignore_index` excluded."""
-    if mask.dtype == np.uint8:
-        present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-    else:
-        present = np.unique(mask)
-    return [int(c) for c in present if c != ignore_index]
 
 
 __all__ = [

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from components.data import images, shards
 from components.data.shards import (
     SHARD_SCHEMA,
     DatasetError,
@@ -88,6 +89,12 @@ def test_garbage_bytes_raise_value_error():
         decode_mask(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(ValueError, match="single-channel"):
         decode_mask(encode_png(np.zeros((2, 2, 3), np.uint8)))
+
+
+def test_shards_re_exports_the_codecs_of_images():
+    for name in images.__all__:
+        assert getattr(shards, name) is getattr(images, name), name
+        assert name in shards.__all__, name
 
 
 def test_mask_labels_matches_unique_without_ignore():

@@ -4,13 +4,16 @@ import numpy as np
 import pytest
 from scipy.ndimage import maximum_filter, minimum_filter
 
-from components.data.shards import encode_png
+from components.data import augment, decode, transforms
+from components.data.shards import encode_png, mask_labels
 from components.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     check_row,
     decode_eval_batch,
     decode_train_batch,
+    decode_unlabeled_batch,
+    decode_weak_batch,
     normalize,
     pad_to,
     random_scale_crop_flip,
@@ -166,6 +169,49 @@ def test_decode_train_batch_is_reproducible_with_a_seed():
     assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
     c = decode_train_batch(batch, seed=6, **kwargs)
     assert not np.array_equal(a["image"], c["image"])
+
+
+def _augmented_rows() -> dict[str, np.ndarray]:
+    """Three good labeled rows of different sizes, with their `image_labels` column."""
+    pairs = [_coded_pair(36, 36), _coded_pair(48, 40), _coded_pair(40, 30)]
+    batch = _batch([(f"row-{k}", encode_png(i), encode_png(m)) for k, (i, m) in enumerate(pairs)])
+    batch["image_labels"] = np.array([mask_labels(m) for _, m in pairs], dtype=object)
+    return batch
+
+
+TRAINING_DECODERS = {
+    "train": (decode_train_batch, {}),
+    "unlabeled": (decode_unlabeled_batch, {"strong": ("colour_jitter", "grayscale", "blur")}),
+    "weak": (decode_weak_batch, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING_DECODERS))
+def test_training_decoders_share_the_seeding_rule(name):
+    decoder, extra = TRAINING_DECODERS[name]
+    kwargs = {"crop_size": 24, "scale_range": (0.5, 2.0), "flip": True, "num_classes": K, **extra}
+    batch = _augmented_rows()
+
+    def run(**seed):
+        out = decoder({k: v.copy() for k, v in batch.items()}, shuffle=True, **kwargs, **seed)
+        assert out["valid"].all()
+        return out
+
+    a, b = run(seed=5), run(seed=5)
+    assert a.keys() == b.keys()
+    for column in a:
+        np.testing.assert_array_equal(a[column], b[column], err_msg=column)
+    c = run(seed=6)
+    assert not np.array_equal(a["image"], c["image"])
+    # no seed (the default, or None): fresh entropy on every call
+    assert not np.array_equal(run()["image"], run(seed=None)["image"])
+
+
+def test_transforms_re_exports_augment_and_decode():
+    for name in transforms.__all__:
+        source = augment if name in augment.__all__ else decode
+        assert getattr(transforms, name) is getattr(source, name), name
+    assert sorted(transforms.__all__) == sorted(augment.__all__ + decode.__all__)
 
 
 def test_decode_eval_batch_pads_and_handles_unlabeled_rows():

@@ -1,0 +1,120 @@
+"""Augmentation primitives on single decoded images: geometry, photometry, padding, scaling.
+
+    image, mask = random_scale_crop_flip(image, mask, 64, (0.75, 1.5), True, rng)
+    strong = strong_photometric(image, ("colour_jitter", "grayscale", "blur"), rng)
+    batch = normalize(np.stack(images))  # (B, H, W, 3) uint8 -> (B, 3, H, W) float32
+
+Images are (H, W, 3) uint8 and masks (H, W) uint8 class ids; every random choice is drawn from
+the `rng` passed in, so the caller decides how augmentation is seeded. The batch decoders that
+use these are in decode.py; both are re-exported by transforms.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.filters import gaussian
+from skimage.transform import resize
+
+# The torchvision ImageNet statistics, on the 0-255 scale of uint8 images.
+IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
+IMAGENET_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+
+
+def random_scale_crop_flip(
+    image: np.ndarray,
+    mask: np.ndarray,
+    crop_size: int,
+    scale_range: tuple[float, float],
+    flip: bool,
+    rng: np.random.Generator,
+    ignore_index: int = 255,
+    with_area: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """Rescale by s ~ U(scale_range), pad, crop crop_size x crop_size, maybe flip horizontally.
+
+    image (H, W, 3) uint8, mask (H, W) uint8 -> (crop, crop, 3) uint8, (crop, crop) uint8.
+    The image is resized bilinearly and the mask by nearest neighbour; both share the crop
+    offset and the flip (p = 0.5). Padding (bottom/right, when the scaled image is smaller than
+    the crop) is 0 in the image and `ignore_index` in the mask. `with_area` also returns a
+    (crop, crop) bool map that is False on the padding (unlabeled images have no mask to mark it).
+    """
+    h, w = mask.shape
+    s = rng.uniform(*scale_range)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    if (nh, nw) != (h, w):
+        image = resize(image, (nh, nw), order=1, preserve_range=True, anti_aliasing=False)
+        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        mask = resize(mask, (nh, nw), order=0, preserve_range=True, anti_aliasing=False)
+        mask = mask.astype(np.uint8)
+    image, mask = pad_to(image, mask, max(nh, crop_size), max(nw, crop_size), ignore_index)
+    y = int(rng.integers(0, image.shape[0] - crop_size + 1))
+    x = int(rng.integers(0, image.shape[1] - crop_size + 1))
+    image = image[y : y + crop_size, x : x + crop_size]
+    mask = mask[y : y + crop_size, x : x + crop_size]
+    area = np.zeros((crop_size, crop_size), bool)
+    area[: max(0, nh - y), : max(0, nw - x)] = True
+    if flip and rng.random() < 0.5:
+        image, mask, area = image[:, ::-1], mask[:, ::-1], area[:, ::-1]
+    out = (np.ascontiguousarray(image), np.ascontiguousarray(mask))
+    return (*out, np.ascontiguousarray(area)) if with_area else out
+
+
+def strong_photometric(
+    image: np.ndarray, ops: tuple[str, ...] | list[str], rng: np.random.Generator
+) -> np.ndarray:
+    """The photometric part of the strong view of an unlabeled image, (H, W, 3) uint8 -> same.
+
+    UniMatch's set, applied in this order when listed in `ops`:
+    - `colour_jitter` (p 0.8): brightness, contrast and saturation factors each ~ U(0.5, 1.5)
+      (torchvision's ColorJitter(0.5, 0.5, 0.5) without hue);
+    - `grayscale` (p 0.2): ITU-R 601 luma in all three channels;
+    - `blur` (p 0.5): Gaussian, σ ~ U(0.1, 2.0) pixels.
+    Geometry is untouched, so the strong view stays pixel-aligned with the weak one. (`cutmix`
+    mixes two images and is applied on the worker: components/semisup/fixmatch.py.)
+    """
+    x = image.astype(np.float32)
+    luma_w = np.array([0.299, 0.587, 0.114], np.float32)
+    if "colour_jitter" in ops and rng.random() < 0.8:
+        b, c, s = rng.uniform(0.5, 1.5, size=3)
+        x = x * b
+        x = (x - (x @ luma_w).mean()) * c + (x @ luma_w).mean()
+        gray = (x @ luma_w)[..., None]
+        x = (x - gray) * s + gray
+        x = np.clip(x, 0, 255)
+    if "grayscale" in ops and rng.random() < 0.2:
+        x = np.repeat((x @ luma_w)[..., None], 3, axis=2)
+    if "blur" in ops and rng.random() < 0.5:
+        x = gaussian(x, sigma=rng.uniform(0.1, 2.0), channel_axis=-1, preserve_range=True)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def pad_to(
+    image: np.ndarray, mask: np.ndarray, height: int, width: int, ignore_index: int = 255
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (H, W, 3) image with 0 and (H, W) mask with ignore_index at the bottom/right."""
+    h, w = mask.shape
+    if h > height or w > width:
+        raise ValueError(f"image {h}x{w} is larger than the pad size {height}x{width}")
+    if (h, w) == (height, width):
+        return image, mask
+    pad = ((0, height - h), (0, width - w))
+    return (
+        np.pad(image, (*pad, (0, 0)), constant_values=0),
+        np.pad(mask, pad, constant_values=ignore_index),
+    )
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, (x - IMAGENET_MEAN) / IMAGENET_STD."""
+    out = (images.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "normalize",
+    "pad_to",
+    "random_scale_crop_flip",
+    "strong_photometric",
+]
