@@ -9,9 +9,10 @@ relation, base + style, base + both (cross_image). One synthetic dataset (512 tr
 choice the Ray pipeline makes) and the rest are unlabeled. Every run has the same number of
 steps; semi-supervised steps draw one labeled and one unlabeled batch (batch 8 + 8).
 
-In-process plain PyTorch on the components the Ray job uses (shards, transforms incl. the strong
-views, models, `build_method`, the poly schedule, `predict_confusion`), so 30 short runs do not
-each pay Ray Train's start-up. Step time is the 25th percentile of a run's step wall times (see
+In-process on the training core the Ray workers run (`components/training/core.py`, with the
+config's optimizer and schedule), on the same shards, transforms (incl. the strong views),
+models, `build_method` and `predict_confusion`, so 30 short runs do not each pay Ray Train's
+start-up. Step time is the 25th percentile of a run's step wall times (see
 benchmarks/synthetic_methods.py); the ratio is to the base. Results: `--out` (JSON + Markdown).
 """
 
@@ -30,20 +31,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_methods import Data, timed_step
+from synthetic_methods import Data, step_times
 
 from components.config import Config, merge_config
 from components.data.ingest import labeled_selection
 from components.data.transforms import decode_train_batch, decode_unlabeled_batch
 from components.distillation.build import build_method
 from components.models.build import build_model
-from components.training.schedule import poly_scheduler
+from components.training.core import train_one_epoch
+from components.training.schedule import Schedule, build_optimizer
 
 VARIANTS = {
     "supervised": ["method.name=none"],
     "base": ["method.name=fixmatch"],
-    "base+relation": ["method.name=cross_image", "method.weights.style=0"],
-    "base+style": ["method.name=cross_image", "method.weights.relation=0"],
+    "base+relation": ["method.name=cross_image", "method.semisup.weights.style=0"],
+    "base+style": ["method.name=cross_image", "method.semisup.weights.relation=0"],
     "base+both": ["method.name=cross_image"],
 }
 DEFAULTS = [
@@ -78,40 +80,37 @@ def split_rows(data: Data, cfg: Config) -> tuple[dict, dict]:
     return pick(keep), pick(~keep)
 
 
-def run(cfg: Config, data: Data, labeled: dict, unlabeled: dict, iters: int, seed: int) -> dict:
-    torch.manual_seed(seed)
-    k = data.info.num_classes
-    method = build_method(cfg, build_model(cfg.model, k), None, num_classes=k)
-    o = cfg.optim
-    optimizer = torch.optim.SGD(
-        method.trainable.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
-    )
-    scheduler = poly_scheduler(optimizer, iters, o.poly_power, o.warmup_iters)
+def _steps(cfg: Config, labeled: dict, unlabeled: dict, seed: int, k: int):
+    """Training batches: labeled (image, mask, valid) and, for a semi-supervised method, the
+    unlabeled stream's weak and strong views under `u_` keys."""
     lab = _batches(labeled, cfg, seed, decode_train_batch, seed=seed, num_classes=k)
     semi = cfg.method.name != "none"
     unl = _batches(
         unlabeled, cfg, seed + 7, decode_unlabeled_batch, strong=cfg.method.semisup.strong,
         num_classes=k,
     )  # fmt: skip
-    step_s, sums = [], {}
-    method.trainable.train()
-    for _ in range(iters):
+    while True:
         part = next(lab)
         batch = {key: torch.from_numpy(part[key]) for key in ("image", "mask", "valid")}
         if semi:
             u = next(unl)
-            batch.update(
-                {
-                    f"u_{key}": torch.from_numpy(u[key])
-                    for key in ("image", "image_strong", "area", "mask", "valid")
-                }
-            )
-        step_s.append(timed_step(method, optimizer, scheduler, batch, sums))
+            keys = ("image", "image_strong", "area", "mask", "valid")
+            batch.update({f"u_{key}": torch.from_numpy(u[key]) for key in keys})
+        yield batch
+
+
+def run(cfg: Config, data: Data, labeled: dict, unlabeled: dict, iters: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    k = data.info.num_classes
+    method = build_method(cfg, build_model(cfg.model, k), None, num_classes=k)
+    optimizer = build_optimizer(method.trainable, cfg.optim)
+    schedule = Schedule.of(optimizer, iters, cfg.optim)
+    batches = _steps(cfg, labeled, unlabeled, seed, k)
+    stats = train_one_epoch(method, batches, optimizer, schedule, {"iteration": 0}, iters)
     return {
         "miou": data.val_miou(method.eval_model()),
-        "step_ms": 1000 * sorted(step_s)[len(step_s) // 4],
-        "step_ms_median": 1000 * statistics.median(step_s),
-        "terms": {name: v / iters for name, v in sums.items()},
+        **step_times(stats),
+        "terms": stats.means(),
     }
 
 

@@ -15,7 +15,6 @@ peak allocated memory of each step.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -26,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.config import merge_config
-from components.distillation import distiller
 from components.distillation.build import build_method
 from components.distillation.contourlet import structural_texture_loss
+from components.distillation.term import Term
 from components.distillation.texture import statistical_texture_loss
 from components.models.build import build_model
 
@@ -47,24 +46,20 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-@contextlib.contextmanager
-def _texture_stubbed(active: bool):
-    """With `active`, L_str and L_sta are a zero term on the adapted student map while the block
-    runs: the step keeps the 1x1 conv + BN adapter's forward and backward and nothing else of the
-    texture modules, so `kd + texture` over it is the cost of CDM + DTIEM alone."""
-    if not active:
-        yield
-        return
-    saved = distiller.structural_texture_loss, distiller.statistical_texture_loss
-    distiller.structural_texture_loss = distiller.statistical_texture_loss = _zero_term
-    try:
-        yield
-    finally:
-        distiller.structural_texture_loss, distiller.statistical_texture_loss = saved
-
-
-def _zero_term(student: torch.Tensor, teacher: torch.Tensor, *settings) -> torch.Tensor:
+def _zero_term(student: torch.Tensor, teacher: torch.Tensor, view, state) -> torch.Tensor:
     return (student * 0).sum()
+
+
+# L_str and L_sta as a zero term on the adapted student map: a method with these keeps the
+# 1x1 conv + BN adapter's forward and backward and nothing else of the texture modules, so
+# `kd + texture` over it is the cost of CDM + DTIEM alone.
+ZERO_LOW = Term(_zero_term, feature="low")
+
+
+def stub_texture(method) -> None:
+    """Replace this method's texture terms (only its own; the table is not touched)."""
+    for name in ("structural", "statistical"):
+        method.terms[name] = ZERO_LOW
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = {}
     arms = (
         ("kd", ["method.name=kd"]),
-        ("kd + adapter", ["method.weights.adv=0"]),  # run with the texture losses stubbed out
-        ("kd + texture", ["method.weights.adv=0"]),
+        ("kd + adapter", ["method.weights.adversarial=0"]),  # texture losses stubbed out
+        ("kd + texture", ["method.weights.adversarial=0"]),
     )
     for label, extra in arms:
         cfg = merge_config(None, [*args.overrides, *extra])
@@ -90,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         student = build_model(cfg.model, k).to(device)
         teacher = build_model(cfg.teacher.model, k).to(device).eval()
         method = build_method(cfg, student, teacher, num_classes=k).to(device)
+        if label == "kd + adapter":
+            stub_texture(method)
         opt = torch.optim.SGD(method.trainable.parameters(), lr=0.01, momentum=0.9)
         methods[label] = (method, opt, cfg)
 
@@ -109,11 +106,10 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            with _texture_stubbed(label == "kd + adapter"):
-                terms = method.training_step(batch)
-                opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                opt.step()
+            terms = method.training_step(batch)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 peaks[label] = torch.cuda.max_memory_allocated()

@@ -3,9 +3,10 @@
     python benchmarks/synthetic_methods.py                          # the full table, 3 seeds
     python benchmarks/synthetic_methods.py --methods none kd --seeds 0 --iters 100   # a quick look
 
-Runs in one process with plain PyTorch on the components the Ray job uses (shards, transforms,
-models, `build_method`, the poly schedule, `predict_confusion`), so 27 short runs do not each pay
-Ray Train's fixed start-up. A teacher is trained once (`method: none`) and shared by every run.
+Runs in one process on the training core the Ray workers run (`components/training/core.py`:
+`train_one_epoch` with the config's optimizer and schedule, then `predict_confusion`), on the
+same shards, transforms, models and `build_method`, so 33 short runs do not each pay Ray Train's
+fixed start-up. A teacher is trained once (`method: none`) and shared by every run.
 Step time is the 25th percentile of a run's training-step wall times (teacher forward included),
 measured in the same process, so the ratios to `none` compare like with like; a low percentile
 rather than the median because noise on a shared machine (preemption, code pages faulted back in)
@@ -34,8 +35,9 @@ from components.data.transforms import decode_eval_batch, decode_train_batch
 from components.distillation.build import build_method
 from components.metrics import miou
 from components.models.build import build_model
+from components.training.core import EpochStats, train_one_epoch
 from components.training.evaluation import predict_confusion
-from components.training.schedule import poly_scheduler
+from components.training.schedule import Schedule, build_optimizer
 
 # name -> overrides on top of the default config (the ablations switch one texture term off).
 METHODS = {
@@ -45,12 +47,12 @@ METHODS = {
     "skd": ["method.name=skd"],
     "cirkd": ["method.name=cirkd"],
     "sstkd": ["method.name=sstkd"],
-    "sstkd_structural_only": ["method.name=sstkd", "method.weights.sta=0"],
-    "sstkd_statistical_only": ["method.name=sstkd", "method.weights.str=0"],
-    "kd_plus_texture": ["method.name=sstkd", "method.weights.adv=0"],
+    "sstkd_structural_only": ["method.name=sstkd", "method.weights.statistical=0"],
+    "sstkd_statistical_only": ["method.name=sstkd", "method.weights.structural=0"],
+    "kd_plus_texture": ["method.name=sstkd", "method.weights.adversarial=0"],
     # The two that collapse at their published weights, with the feature-level term scaled down
     # (docs/benchmarks.md: its gradient is 16-170x CE's at initialisation here).
-    "cwd_scaled": ["method.name=cwd", "method.cwd_temperature=1", "method.weights.cwd_feat=5"],
+    "cwd_scaled": ["method.name=cwd", "method.cwd_temperature=1", "method.weights.cwd_feature=5"],
     "cirkd_scaled": ["method.name=cirkd", "method.weights.batch_pixel=0.1"],
 }
 
@@ -109,21 +111,14 @@ class Data:
         return miou(predict_confusion(model, batches, self.info.num_classes))[0]
 
 
-def timed_step(method, optimizer, scheduler, batch: dict, sums: dict) -> float:
-    """One optimizer step (and the method's `after_step`, when it has one); adds each term to
-    `sums`; returns the step's wall time (the bookkeeping after it excluded)."""
-    t0 = time.perf_counter()
-    terms = method.training_step(batch)
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
-    scheduler.step()
-    if hasattr(method, "after_step"):
-        method.after_step()
-    elapsed = time.perf_counter() - t0
-    for name, value in terms.items():
-        sums[name] = sums.get(name, 0.0) + float(value.detach())
-    return elapsed
+def step_times(stats: EpochStats) -> dict:
+    """The 25th percentile and the median of a run's step times, in ms (noise on a shared
+    machine only ever adds time, so the low percentile is the comparable figure)."""
+    ordered = sorted(stats.step_s)
+    return {
+        "step_ms": 1000 * ordered[len(ordered) // 4],
+        "step_ms_median": 1000 * statistics.median(ordered),
+    }
 
 
 def train(
@@ -134,28 +129,21 @@ def train(
     teacher: torch.nn.Module | None = None,
     model_cfg: ModelConfig | None = None,
 ) -> dict:
-    """One run of `iters` steps of `model_cfg` (default: cfg.model); returns val mIoU, the step
-    time (25th percentile and median), the mean of each loss term and the trained model."""
+    """One run of `iters` steps of `model_cfg` (default: cfg.model) through the training core;
+    returns val mIoU, the step times, the mean of each loss term and the trained model."""
     torch.manual_seed(seed)
     k = data.info.num_classes
     student = build_model(model_cfg or cfg.model, k)
     method = build_method(cfg, student, teacher, num_classes=k)
-    o = cfg.optim
-    optimizer = torch.optim.SGD(
-        method.trainable.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
-    )
-    scheduler = poly_scheduler(optimizer, iters, o.poly_power, o.warmup_iters)
+    optimizer = build_optimizer(method.trainable, cfg.optim)
+    schedule = Schedule.of(optimizer, iters, cfg.optim)
     batches = data.train_batches(seed)
-    step_s, sums = [], {}
-    method.trainable.train()
-    for _ in range(iters):
-        step_s.append(timed_step(method, optimizer, scheduler, next(batches), sums))
+    stats = train_one_epoch(method, batches, optimizer, schedule, {"iteration": 0}, iters)
     model = method.eval_model()
     return {
         "miou": data.val_miou(model),
-        "step_ms": 1000 * sorted(step_s)[len(step_s) // 4],
-        "step_ms_median": 1000 * statistics.median(step_s),
-        "terms": {name: v / iters for name, v in sums.items()},
+        **step_times(stats),
+        "terms": stats.means(),
         "model": model,
     }
 

@@ -12,9 +12,10 @@ the train images against their masks, segmentation mIoU on val. The variants dif
 the classification-only warm-up, so each seed runs the warm-up once and every variant continues
 from a copy of its end state on the same batch order.
 
-In-process plain PyTorch on the components the Ray job uses (shards, `decode_weak_batch`,
-models, `build_method`, `build_optimizer`, the poly schedule, `diagnose`, `predict_confusion`),
-so a dozen short runs do not each pay Ray Train's start-up. Step time is the 25th percentile of
+In-process on the training core the Ray workers run (`components/training/core.py`, with the
+config's optimizer and schedule), on the same shards, `decode_weak_batch`, models,
+`build_method`, `diagnose` and `predict_confusion`, so a dozen short runs do not each pay Ray
+Train's start-up. Step time is the 25th percentile of
 a run's step wall times after the warm-up (see benchmarks/synthetic_methods.py); the ratio is to
 `afa`. Results: `--out` (JSON + Markdown).
 """
@@ -35,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_methods import timed_step
+from synthetic_methods import step_times
 
 from components.config import Config, merge_config
 from components.data.shards import read_split_table
@@ -44,13 +45,14 @@ from components.data.transforms import decode_eval_batch, decode_weak_batch
 from components.distillation.build import build_method
 from components.metrics import miou
 from components.models.build import build_model
+from components.training.core import train_one_epoch
 from components.training.evaluation import predict_confusion
-from components.training.schedule import build_optimizer, poly_scheduler
+from components.training.schedule import Schedule, build_optimizer
 from components.weakly.diagnostics import diagnose, iter_rows
 
 VARIANTS = {
-    "afa": ["method.weights.scd=0", "method.weakly.refine=plain"],
-    "afa+varm": ["method.weights.scd=0", "method.weakly.refine=varm"],
+    "afa": ["method.weakly.weights.scd=0", "method.weakly.refine=plain"],
+    "afa+varm": ["method.weakly.weights.scd=0", "method.weakly.refine=varm"],
     "afa+scd": ["method.weakly.refine=plain"],
     "tscd": [],
 }
@@ -78,8 +80,7 @@ def _batches(rows: dict, cfg: Config, num_classes: int, seed: int):
 def _build(cfg: Config, k: int, iters: int):
     method = build_method(cfg, build_model(cfg.model, k), None, num_classes=k)
     optimizer = build_optimizer(method.trainable, cfg.optim)
-    scheduler = poly_scheduler(optimizer, iters, cfg.optim.poly_power, cfg.optim.warmup_iters)
-    return method, optimizer, scheduler
+    return method, optimizer, Schedule.of(optimizer, iters, cfg.optim)
 
 
 def run_seed(cfgs: dict[str, Config], info, rows, val, iters: int, seed: int, diag_rows: int):
@@ -94,35 +95,31 @@ def run_seed(cfgs: dict[str, Config], info, rows, val, iters: int, seed: int, di
     warm_iters = min(warm.pop(), iters)
     first = next(iter(cfgs.values()))
     torch.manual_seed(seed)
-    method, optimizer, scheduler = _build(first, k, iters)
+    method, optimizer, schedule = _build(first, k, iters)
     batches = _batches(rows, first, k, seed)
-    warm_sums: dict = {}
-    method.trainable.train()
     t0 = time.perf_counter()
-    for _ in range(warm_iters):
-        timed_step(method, optimizer, scheduler, next(batches), warm_sums)
+    warm = train_one_epoch(method, batches, optimizer, schedule, {"iteration": 0}, warm_iters)
     warm_s = time.perf_counter() - t0
     snapshot = copy.deepcopy(
         {
             "net": method.trainable.state_dict(),
             "opt": optimizer.state_dict(),
-            "sched": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
         }
     )
     for name, cfg in cfgs.items():
         t0 = time.perf_counter()
-        method, optimizer, scheduler = _build(cfg, k, iters)
+        method, optimizer, schedule = _build(cfg, k, iters)
         method.trainable.load_state_dict(snapshot["net"])
         optimizer.load_state_dict(snapshot["opt"])
-        scheduler.load_state_dict(snapshot["sched"])
         torch.set_rng_state(snapshot["rng"])
         method.iteration = warm_iters
         batches = _batches(rows, cfg, k, seed + 1000)
-        sums, step_s = dict(warm_sums), []
-        method.trainable.train()
-        for _ in range(warm_iters, iters):
-            step_s.append(timed_step(method, optimizer, scheduler, next(batches), sums))
+        progress = {"iteration": warm_iters}
+        stats = train_one_epoch(method, batches, optimizer, schedule, progress, iters - warm_iters)
+        sums = {
+            n: warm.sums.get(n, 0.0) + stats.sums.get(n, 0.0) for n in {*warm.sums, *stats.sums}
+        }
         model = method.eval_model()
         d = cfg.data
         train = diagnose(
@@ -137,7 +134,7 @@ def run_seed(cfgs: dict[str, Config], info, rows, val, iters: int, seed: int, di
                 "pseudo_labeled": train["pseudo_labeled"],
                 "cam_miou": train["cam_miou"],
                 "cls_map": train["cls_map"],
-                "step_ms": 1000 * sorted(step_s)[len(step_s) // 4] if step_s else float("nan"),
+                "step_ms": step_times(stats)["step_ms"] if stats.step_s else float("nan"),
                 "terms": {n: v / iters for n, v in sums.items()},
                 "seed": seed,
                 "warmup_s": warm_s,

@@ -16,6 +16,7 @@ import argparse
 import difflib
 import hashlib
 import json
+import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,10 @@ from omegaconf.errors import OmegaConfBaseException
 from components.schema import (
     BACKBONES,
     HEADS,
-    METHODS,
     MITS,
     REFINEMENTS,
     RESNETS,
-    SEMISUP_METHODS,
     STRONG_AUGMENTATIONS,
-    SUPERVISED_METHODS,
-    WEAKLY_METHODS,
     AdversarialConfig,
     CDMConfig,
     CIRKDConfig,
@@ -42,7 +39,6 @@ from components.schema import (
     DataConfig,
     DTIEMConfig,
     MethodConfig,
-    MethodWeights,
     ModelConfig,
     OptimConfig,
     SemiSupConfig,
@@ -67,9 +63,82 @@ def _known_keys(schema: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def known_keys() -> list[str]:
+    """Every dotted key of the schema, the loss weights of every regime included."""
+    from components.regimes import REGIMES
+
+    keys = _known_keys(Config())
+    for regime in REGIMES:
+        keys += [f"{regime.weights_key}.{k}" for k in regime.weight_keys]
+    return keys
+
+
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, _known_keys(Config()), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# Keys renamed in 0.2 (names that explain themselves; each regime's weights in its own section).
+# The old names are still accepted in this release, with a warning naming the new key.
+RENAMED = {
+    "method.weights.pi": "method.weights.pixel_kd",
+    "method.weights.adv": "method.weights.adversarial",
+    "method.weights.str": "method.weights.structural",
+    "method.weights.sta": "method.weights.statistical",
+    "method.weights.cwd_feat": "method.weights.cwd_feature",
+    "method.weights.skd": "method.weights.pairwise",
+    "method.weights.critic": "method.adversarial.critic_weight",
+    **{
+        f"method.weights.{k}": f"method.semisup.weights.{k}" for k in ("unsup", "relation", "style")
+    },
+    **{f"method.weights.{k}": f"method.weakly.weights.{k}" for k in ("cls", "seg", "aff", "scd")},
+}
+
+
+def renamed_key(old: str, source: str | None) -> str:
+    new = RENAMED[old]
+    if source is not None:
+        print(
+            f"warning: {source}: '{old}' is deprecated and will be removed in the next "
+            f"release; use '{new}'",
+            file=sys.stderr,
+            flush=True,
+        )
+    return new
+
+
+def rename_keys(tree: dict, source: str | None = None) -> dict:
+    """A config tree (nested dicts) with every old key of RENAMED moved to its new place;
+    warns naming both unless `source` is None (a checkpoint's own metadata). An old weight left
+    at null (its method's published default) is dropped."""
+    moves = []
+    for old in RENAMED:
+        *parents, leaf = old.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            moves.append((old, node.pop(leaf)))
+    for old, value in moves:
+        if value is None:
+            continue
+        *parents, leaf = renamed_key(old, source).split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _rename_override(item: str) -> str:
+    key, _, value = item.partition("=")
+    return f"{renamed_key(key, 'command line')}={value}" if key in RENAMED else item
+
+
+def open_weight_maps(cfg) -> None:
+    """The loss-weight mappings take any key; each regime checks its own (`validate`)."""
+    for section in (cfg.method, cfg.method.semisup, cfg.method.weakly):
+        OmegaConf.set_struct(section.weights, False)
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -86,6 +155,7 @@ def merge_config(
     """Schema defaults (or `base`) <- YAML file <- dotted overrides. Raises ConfigError."""
     merged = OmegaConf.structured(base if base is not None else Config())
     OmegaConf.set_struct(merged, True)
+    open_weight_maps(merged)
     if yaml_path:
         path = Path(yaml_path)
         if not path.is_file():
@@ -94,6 +164,9 @@ def merge_config(
             loaded = OmegaConf.load(path)
         except Exception as e:  # yaml syntax errors come in many types
             raise ConfigError(f"{yaml_path}: not valid YAML: {e}") from e
+        tree = OmegaConf.to_container(loaded)
+        if isinstance(tree, dict):
+            loaded = OmegaConf.create(rename_keys(tree, yaml_path))
         try:
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
@@ -101,6 +174,7 @@ def merge_config(
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        item = _rename_override(item)
         key = item.split("=", 1)[0]
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
@@ -164,14 +238,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.teacher.epochs >= 1, "teacher.epochs", "must be >= 1")
     _check(cfg.teacher.lr > 0, "teacher.lr", f"must be > 0, got {cfg.teacher.lr}")
     m = cfg.method
-    _check(m.name in METHODS, "method.name", f"'{m.name}' not one of {METHODS}")
+    from components.regimes import regime_of
+
+    regime = regime_of(m.name)  # ConfigError naming method.name for an unknown method
     _check(m.temperature > 0, "method.temperature", "must be > 0")
     _check(m.cwd_temperature > 0, "method.cwd_temperature", "must be > 0")
     _check(m.skd_pool_size >= 1, "method.skd_pool_size", "must be >= 1")
-    for f in fields(m.weights):
-        w = getattr(m.weights, f.name)
-        if w is not None:
-            _check(w >= 0, f"method.weights.{f.name}", f"must be >= 0, got {w}")
     _check(m.dtiem.levels >= 2, "method.dtiem.levels", f"must be >= 2, got {m.dtiem.levels}")
     _check(m.dtiem.iterations >= 0, "method.dtiem.iterations", "must be >= 0")
     _check(m.dtiem.clip >= 1, "method.dtiem.clip", f"must be >= 1 (β/N >= 1/N), got {m.dtiem.clip}")
@@ -180,18 +252,8 @@ def validate(cfg: Config) -> None:
     _check(
         d_ >= 1 and d_ & (d_ - 1) == 0, "method.cdm.directions", f"must be a power of 2, got {d_}"
     )
-    if m.name == "sstkd" and m.weights.str > 0:
-        from components.distillation.contourlet import max_levels
-
-        low = -(-d.crop_size // 4)  # the stride-4 `low` map of a training crop
-        limit = max_levels(low, low)
-        _check(
-            m.cdm.levels <= limit,
-            "method.cdm.levels",
-            f"{m.cdm.levels} is too deep for the {low}x{low} low-level map of "
-            f"{d.crop_size}px crops: at most {limit} levels",
-        )
     a = m.adversarial
+    _check(a.critic_weight >= 0, "method.adversarial.critic_weight", "must be >= 0")
     _check(a.critic_lr > 0, "method.adversarial.critic_lr", "must be > 0")
     _check(a.gradient_penalty >= 0, "method.adversarial.gradient_penalty", "must be >= 0")
     _check(a.critic_width >= 4, "method.adversarial.critic_width", "must be >= 4")
@@ -224,6 +286,7 @@ def validate(cfg: Config) -> None:
     )
     _check(ss.evaluate in ("student", "ema"), "method.semisup.evaluate", "must be student or ema")
     _validate_weakly(cfg)
+    regime.validate(cfg)  # its weights, its own checks, no key of another regime's section
     if d.labeled_count is not None:
         _check(d.labeled_count >= 1, "data.labeled_count", f"must be >= 1, got {d.labeled_count}")
     _check(d.train_repeat >= 1, "data.train_repeat", f"must be >= 1, got {d.train_repeat}")
@@ -251,20 +314,6 @@ def validate(cfg: Config) -> None:
 
 def _validate_weakly(cfg: Config) -> None:
     w = cfg.method.weakly
-    if cfg.model.cls_head:
-        # Other methods never train the classifier and affinity heads (DDP would fail on them).
-        _check(
-            cfg.method.name in WEAKLY_METHODS,
-            "model.cls_head",
-            f"the classifier/affinity heads are for {WEAKLY_METHODS}, not '{cfg.method.name}'",
-        )
-    if cfg.method.name in WEAKLY_METHODS:
-        _check(
-            cfg.model.backbone in MITS and cfg.model.cls_head,
-            "model.cls_head",
-            f"method '{cfg.method.name}' needs a MiT backbone with model.cls_head=true "
-            f"(got backbone {cfg.model.backbone}, cls_head {cfg.model.cls_head})",
-        )
     _check(
         len(w.cam_scales) >= 1 and w.cam_scales[0] == 1.0,
         "method.weakly.cam_scales",
@@ -305,7 +354,11 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(d: dict) -> Config:
-    merged = OmegaConf.merge(OmegaConf.structured(Config()), OmegaConf.create(d))
+    """A Config from a plain dict (a run's own config, or a checkpoint's `meta.json`: old key
+    names are moved to their new places without a warning)."""
+    base = OmegaConf.structured(Config())
+    open_weight_maps(base)
+    merged = OmegaConf.merge(base, OmegaConf.create(rename_keys(json.loads(json.dumps(d)))))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
@@ -342,15 +395,12 @@ def load_config(argv: list[str] | None = None, base: Config | None = None) -> Co
 __all__ = [
     "BACKBONES",
     "HEADS",
-    "METHODS",
     "MISSING",
     "MITS",
     "REFINEMENTS",
+    "RENAMED",
     "RESNETS",
-    "SEMISUP_METHODS",
     "STRONG_AUGMENTATIONS",
-    "SUPERVISED_METHODS",
-    "WEAKLY_METHODS",
     "AdversarialConfig",
     "CDMConfig",
     "CIRKDConfig",
@@ -359,7 +409,6 @@ __all__ = [
     "DTIEMConfig",
     "DataConfig",
     "MethodConfig",
-    "MethodWeights",
     "ModelConfig",
     "OptimConfig",
     "SemiSupConfig",
@@ -369,8 +418,10 @@ __all__ = [
     "WeaklyConfig",
     "fingerprint",
     "from_dict",
+    "known_keys",
     "load_config",
     "merge_config",
+    "rename_keys",
     "to_dict",
     "to_yaml",
     "validate",

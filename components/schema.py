@@ -13,10 +13,6 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 MITS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
 BACKBONES = RESNETS + MITS
 HEADS = ("deeplabv3", "pspnet", "segformer")
-SUPERVISED_METHODS = ("none", "kd", "cwd", "skd", "adversarial", "cirkd", "sstkd")
-SEMISUP_METHODS = ("fixmatch", "cross_image")
-WEAKLY_METHODS = ("tscd",)
-METHODS = SUPERVISED_METHODS + SEMISUP_METHODS + WEAKLY_METHODS
 REFINEMENTS = ("varm", "plain", "none")
 STRONG_AUGMENTATIONS = ("colour_jitter", "grayscale", "blur", "cutmix")
 
@@ -97,33 +93,6 @@ class TeacherConfig:
 
 
 @dataclass
-class MethodWeights:
-    """Loss weights. A weight of 0 switches its term off (and skips computing it). `None` means
-    the published default of the chosen method (docs/methods.md lists them)."""
-
-    ce: float = 1.0  # cross-entropy on the labels
-    aux: float = 0.4  # auxiliary-head cross-entropy
-    pi: float | None = None  # pixel-wise logit KD: 1.0 (kd, cirkd), 10.0 (sstkd)
-    adv: float | None = None  # adversarial term of the student: 0.001 (adversarial), 0.1 (sstkd)
-    critic: float = 0.1  # λ_d, the critic's own loss weight (adversarial, sstkd)
-    cwd_feat: float = 50.0  # CWD on the pre-classifier features
-    cwd_logit: float = 3.0  # CWD on the logits
-    skd: float = 10.0  # SKD pair-wise affinity
-    batch_pixel: float = 1.0  # CIRKD mini-batch pixel-pixel relation
-    memory_pixel: float = 0.1  # CIRKD pixel-to-memory-pixel contrast
-    memory_region: float = 0.1  # CIRKD pixel-to-memory-region contrast
-    unsup: float = 1.0  # semi-supervised: CE on the EMA teacher's confident pseudo labels
-    relation: float = 1.0  # cross-image relation distillation (inter-channel, labeled x unlabeled)
-    style: float = 0.1  # cross-image style distillation (feature statistics)
-    cls: float = 1.0  # weakly supervised: multi-label soft margin on the image-level labels
-    seg: float = 0.1  # weakly supervised: CE on the refined CAM pseudo labels
-    aff: float = 0.1  # weakly supervised: affinity from attention vs pseudo-label affinity
-    scd: float = 0.1  # self correspondence distillation
-    sta: float = 1.0  # SSTKD statistical texture (DTIEM)
-    str: float = 1.0  # SSTKD structural texture (CDM); last, as the name shadows the builtin
-
-
-@dataclass
 class DTIEMConfig:
     """Denoised Texture Intensity Equalization Module (SSTKD statistical texture)."""
 
@@ -144,6 +113,7 @@ class CDMConfig:
 class AdversarialConfig:
     """WGAN-GP critic on (image, class probabilities) for holistic distillation."""
 
+    critic_weight: float = 0.1  # λ_d, the critic's own loss weight
     critic_lr: float = 4e-4
     gradient_penalty: float = 10.0
     critic_width: int = 64  # channels of the critic's first conv
@@ -167,6 +137,10 @@ class CIRKDConfig:
 class SemiSupConfig:
     """The mean-teacher/FixMatch base and cross-image distillation (METHODS.md §3)."""
 
+    # Loss weights (0 = off), over the method's published ones (components/regimes.py): ce and
+    # aux on the labeled images, unsup (CE on the EMA teacher's confident pseudo labels),
+    # relation (inter-channel, labeled x unlabeled) and style (feature statistics).
+    weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "aux": 0.4})
     threshold: float = 0.95  # pseudo-label confidence threshold
     ema_momentum: float = 0.999  # EMA teacher momentum (ramped: min(m, 1 - 1/(t+1)))
     # Strong-view augmentations of unlabeled images (any subset, in this order of application).
@@ -182,6 +156,10 @@ class SemiSupConfig:
 class WeaklyConfig:
     """TSCD / AFA weakly supervised segmentation from image-level labels (METHODS.md §2)."""
 
+    # Loss weights (0 = off), over the method's published ones (components/regimes.py): cls
+    # (multi-label soft margin on the image labels), seg (CE on the refined CAM pseudo labels),
+    # aff (attention affinity vs pseudo-label affinity), scd (self correspondence distillation).
+    weights: dict[str, float] = field(default_factory=dict)
     cam_scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5])  # first must be 1
     cam_flip: bool = True
     high_threshold: float = 0.55  # background score of the confident pseudo label
@@ -198,11 +176,19 @@ class WeaklyConfig:
 
 @dataclass
 class MethodConfig:
+    """`name` picks the method and with it the regime (components/regimes.py). The keys from
+    `weights` to `cirkd` are the supervised regime's; `semisup` and `weakly` are the other two
+    regimes' sections. A run may only set its own regime's keys."""
+
     name: str = "sstkd"
+    # Supervised loss weights (0 = off), over the method's published ones
+    # (components/distillation/terms.py): ce and aux on the labels, and any distillation term
+    # (pixel_kd, adversarial, structural, statistical, cwd_feature, cwd_logit, pairwise,
+    # batch_pixel, memory_pixel, memory_region); a term the method lacks is added to it.
+    weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "aux": 0.4})
     temperature: float = 1.0  # pixel-wise KD temperature
     cwd_temperature: float = 4.0
     skd_pool_size: int = 2  # SKD max-pools features in patches of this size (CIRKD's protocol)
-    weights: MethodWeights = field(default_factory=MethodWeights)
     dtiem: DTIEMConfig = field(default_factory=DTIEMConfig)
     cdm: CDMConfig = field(default_factory=CDMConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)

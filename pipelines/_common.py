@@ -1,9 +1,19 @@
-"""Shared by the entry scripts: import path, Ray start-up, error reporting."""
+"""Shared by the entry scripts: import path, the pipeline skeleton, Ray start-up, errors.
+
+    def main(argv=None) -> int:
+        return run_pipeline(SUPERVISED, argv, __doc__, execute)   # parse, check, Ray, run, print
+
+`execute(cfg, info, args)` is the pipeline's own part (train, compare, diagnose) and returns the
+report it prints; everything around it is the same for distill, semisup and wsss.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 # `python pipelines/x.py` puts pipelines/ first on sys.path; the project root must be there too
@@ -11,6 +21,73 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def parse_args(
+    argv: list[str] | None, doc: str, add_arguments: Callable | None = None
+) -> argparse.Namespace:
+    """`--config FILE`, the pipeline's own flags, then `key.sub=value` overrides."""
+    parser = argparse.ArgumentParser(
+        description=doc.splitlines()[0],
+        epilog="Every key of components/schema.py can be set as key.sub=value.",
+    )
+    parser.add_argument("--config", help="YAML file in the schema of components/schema.py")
+    if add_arguments is not None:
+        add_arguments(parser)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return parser.parse_args(argv)
+
+
+def run_pipeline(
+    regime,
+    argv: list[str] | None,
+    doc: str,
+    execute: Callable,
+    default_config: Callable | None = None,
+    add_arguments: Callable | None = None,
+) -> int:
+    """Parse, validate (the method must be of `regime`), check the storage, start Ray, prepare
+    the dataset, `execute(cfg, info, args)` -> report, print it. Returns the exit code: 2 for
+    bad input (a key, a file, a dataset), 1 for a failed training, 0 otherwise."""
+    from components.config import ConfigError, merge_config, validate
+    from components.regimes import regime_of
+
+    args = parse_args(argv, doc, add_arguments)
+    try:
+        base = default_config() if default_config is not None and not args.config else None
+        cfg = merge_config(args.config, args.overrides, base)
+        own = regime_of(cfg.method.name)
+        if own is not regime:
+            raise ConfigError(
+                f"'method.name': {cfg.method.name} is {own.name}; run it with {own.pipeline} "
+                f"({regime.pipeline} runs {', '.join(regime.methods)})"
+            )
+        validate(cfg)
+    except ConfigError as e:
+        return fail(str(e))
+
+    import ray.train
+
+    from components.data.shards import DatasetError
+    from components.training.checkpoint import CheckpointError
+    from components.training.storage import check_writable
+    from components.training.trainer import failure_message, prepare_dataset, storage_of
+
+    start = time.perf_counter()
+    try:
+        check_writable(storage_of(cfg))  # before Ray starts or anything is trained
+    except ConfigError as e:
+        return fail(str(e))
+    init_ray()
+    try:
+        info = prepare_dataset(cfg)
+        report = execute(cfg, info, args)
+    except (ConfigError, DatasetError, CheckpointError) as e:
+        return fail(str(e))
+    except ray.train.TrainingFailedError as e:
+        return fail(f"training failed: {failure_message(e)}", code=1)
+    print(f"\n{report}\n  wall time {time.perf_counter() - start:.0f} s", flush=True)
+    return 0
 
 
 def init_ray(dashboard: bool = False) -> None:

@@ -18,11 +18,9 @@ supervised-only on the labeled images (as many steps), the base, and the configu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
-import time
 
 if __package__ in (None, ""):
     import _common  # noqa: F401  (puts the project root on sys.path)
@@ -45,34 +43,40 @@ def default_config():
             root="data/synthetic_semisup",
             synthetic=SyntheticConfig(num_train=64, num_unlabeled=448, num_val=64),
         ),
-        method=MethodConfig(name="cross_image", semisup=SemiSupConfig(ema_momentum=0.99)),
+        method=MethodConfig(
+            name="cross_image",
+            semisup=SemiSupConfig(
+                weights={"ce": 1.0, "aux": 0.4, "unsup": 1.0, "relation": 1.0, "style": 0.1},
+                ema_momentum=0.99,
+            ),
+        ),
         trainer=TrainerConfig(epochs=11),
     )
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file in the schema of components/config.py")
+def add_arguments(parser) -> None:
     parser.add_argument(
         "--baselines",
         action="store_true",
         help="also train supervised-only and the base, and compare (the default without --config)",
     )
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    return parser.parse_args(argv)
 
 
 def comparison(cfg, labeled_rows: int, steps_per_epoch: int) -> list[tuple[str, object]]:
     """(label, config) of the runs to compare: supervised-only on the labeled images alone (as
-    many steps per epoch: the labeled split repeated, `data.train_repeat`), the base (fixmatch),
-    the configured method."""
+    many steps per epoch: the labeled split repeated, `data.train_repeat`, and the same label
+    weights), the base (fixmatch), the configured method."""
+    from components.config import MethodConfig
+    from components.regimes import SEMI_SUPERVISED
+
     per_pass = cfg.data.batch_size * cfg.trainer.num_workers
+    w = SEMI_SUPERVISED.weights(cfg)
     sup = dataclasses.replace(
         cfg,
         data=dataclasses.replace(
             cfg.data, train_repeat=max(1, math.ceil(steps_per_epoch * per_pass / labeled_rows))
         ),
-        method=dataclasses.replace(cfg.method, name="none"),
+        method=MethodConfig(name="none", weights={"ce": w["ce"], "aux": w["aux"]}),
     )
     base = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="fixmatch"))
     runs = [("supervised only", sup), ("base (fixmatch)", base)]
@@ -81,71 +85,39 @@ def comparison(cfg, labeled_rows: int, steps_per_epoch: int) -> list[tuple[str, 
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
-    from components.config import SEMISUP_METHODS, ConfigError, merge_config, validate
-    from pipelines._common import fail, init_ray
-
-    args = parse(argv)
-    try:
-        base = None if args.config else default_config()
-        cfg = merge_config(args.config, args.overrides, base)
-        validate(cfg)
-        if cfg.method.name not in SEMISUP_METHODS:
-            raise ConfigError(
-                f"'method.name': {cfg.method.name} is not semi-supervised (one of "
-                f"{SEMISUP_METHODS}); supervised methods run with pipelines/distill.py"
-            )
-    except ConfigError as e:
-        return fail(str(e))
-    compare = args.baselines or not args.config
-
-    import ray.train
-
+def execute(cfg, info, args) -> str:
+    """The configured run, or (with --baselines, or the embedded default) the three compared."""
     from components.data.ingest import plan_semisup, semisup_steps
-    from components.data.shards import DatasetError
-    from components.training.checkpoint import CheckpointError
-    from components.training.storage import check_writable
-    from components.training.trainer import (
-        failure_message,
-        fit,
-        prepare_dataset,
-        run_name,
-        storage_of,
+    from components.training.trainer import fit, run_name, storage_of
+
+    plan = plan_semisup(cfg.data, info)
+    steps, _, _ = semisup_steps(plan, cfg.data, cfg.trainer.num_workers)
+    print(f"data: {plan.describe(cfg.data)}; {steps} steps per epoch", flush=True)
+    runs = [(f"{cfg.method.name}", cfg)]
+    if args.baselines or not args.config:
+        runs = comparison(cfg, plan.labeled_rows, steps)
+    results = []
+    for label, run_cfg in runs:
+        baseline = run_cfg.method.name == "none"
+        name = run_name(run_cfg, prefix="semisup-supervised" if baseline else None)
+        print(f"run: {label}: {name} (storage: {run_cfg.trainer.storage_path})", flush=True)
+        outcome = fit(run_cfg, info, name)
+        if outcome.reused:
+            print(f"run {name} had already finished; showing its last checkpoint", flush=True)
+        results.append((label, run_cfg, name, outcome))
+    return report(results, storage_of(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from components.regimes import SEMI_SUPERVISED
+    from pipelines._common import run_pipeline
+
+    return run_pipeline(
+        SEMI_SUPERVISED, argv, __doc__, execute, default_config, add_arguments=add_arguments
     )
 
-    start = time.perf_counter()
-    try:
-        check_writable(storage_of(cfg))
-    except ConfigError as e:
-        return fail(str(e))
-    init_ray()
-    results = []
-    try:
-        info = prepare_dataset(cfg)
-        plan = plan_semisup(cfg.data, info)
-        steps, _, _ = semisup_steps(plan, cfg.data, cfg.trainer.num_workers)
-        print(f"data: {plan.describe(cfg.data)}; {steps} steps per epoch", flush=True)
-        runs = [(f"{cfg.method.name}", cfg)]
-        if compare:
-            runs = comparison(cfg, plan.labeled_rows, steps)
-        for label, run_cfg in runs:
-            prefix = "semisup" if run_cfg.method.name in SEMISUP_METHODS else "semisup-supervised"
-            name = run_name(run_cfg, prefix=prefix)
-            print(f"run: {label}: {name} (storage: {run_cfg.trainer.storage_path})", flush=True)
-            outcome = fit(run_cfg, info, name)
-            if outcome.reused:
-                print(f"run {name} had already finished; showing its last checkpoint", flush=True)
-            results.append((label, run_cfg, name, outcome))
-    except (ConfigError, DatasetError, CheckpointError) as e:
-        return fail(str(e))
-    except ray.train.TrainingFailedError as e:
-        return fail(f"training failed: {failure_message(e)}", code=1)
 
-    print("\n" + report(results, storage_of(cfg), time.perf_counter() - start), flush=True)
-    return 0
-
-
-def report(results: list, storage: str, wall_s: float) -> str:
+def report(results: list, storage: str) -> str:
     from components.training.storage import join
 
     def pct(value) -> str:
@@ -168,7 +140,6 @@ def report(results: list, storage: str, wall_s: float) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.append(f"  wall time {wall_s:.0f} s")
     lines += [f"  {label}: {join(storage, name)}" for label, _, name, _ in results]
     lines.append(
         "  (confident: share of unlabeled pixels with a pseudo label, last epoch; pseudo acc: "

@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python pipelines/tune.py --config configs/tune_....yaml
 
 A sweep file names a distill config (`distill:`), fixed `overrides:`, the `search:` space in
-distill's dotted keys (`method.weights.str: loguniform(0.1, 10)`) and the `sweep:` settings
+distill's dotted keys (`method.weights.structural: loguniform(0.1, 10)`) and the `sweep:` settings
 (components/tuning/space.py lists them). Everything is validated before any trial starts. The
 teacher is trained (or reused) once and shared by every trial. Running the same command again
 continues an interrupted sweep. Results: trials.csv, trials.md, params.png and best.yaml in

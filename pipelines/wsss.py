@@ -2,7 +2,7 @@
 
     python pipelines/wsss.py                                       # embedded default (synthetic)
     python pipelines/wsss.py --config configs/tscd_voc_mitb1.yaml
-    python pipelines/wsss.py --config configs/tscd_synthetic.yaml method.weights.scd=0 \\
+    python pipelines/wsss.py --config configs/tscd_synthetic.yaml method.weakly.weights.scd=0 \\
         method.weakly.refine=plain                                 # the AFA baseline
     ray job submit --working-dir . -- python pipelines/wsss.py --config configs/tscd_voc_mitb1.yaml
 
@@ -16,9 +16,7 @@ segmentation mIoU on val is the run's own evaluation (the whole split, on the wo
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 
 if __package__ in (None, ""):
     import _common  # noqa: F401  (puts the project root on sys.path)
@@ -67,9 +65,7 @@ def default_config():
     )
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file in the schema of components/config.py")
+def add_arguments(parser) -> None:
     parser.add_argument(
         "--diagnose-rows",
         type=int,
@@ -77,8 +73,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="rows of train (CAM / pseudo-label mIoU) and of val (classification) diagnosed "
         "after training, in this process (0: skip)",
     )
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    return parser.parse_args(argv)
 
 
 def diagnose_run(cfg, info, checkpoint_dir: str, rows: int) -> dict:
@@ -113,7 +107,7 @@ def diagnose_run(cfg, info, checkpoint_dir: str, rows: int) -> dict:
     return {"train": train, "val": val}
 
 
-def report(name: str, metrics: dict, diag: dict | None, storage: str, wall_s: float) -> str:
+def report(name: str, metrics: dict, diag: dict | None, storage: str) -> str:
     from components.training.storage import join
 
     def pct(value) -> str:
@@ -142,66 +136,31 @@ def report(name: str, metrics: dict, diag: dict | None, storage: str, wall_s: fl
             f"  bad training rows (last epoch) {bad}"
             + ("" if share is None else f"; background-only images {pct(share)}%")
         )
-    lines.append(f"  wall time {wall_s:.0f} s")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from components.config import WEAKLY_METHODS, ConfigError, merge_config, validate
-    from pipelines._common import fail, init_ray
-
-    args = parse(argv)
-    try:
-        base = None if args.config else default_config()
-        cfg = merge_config(args.config, args.overrides, base)
-        if cfg.method.name not in WEAKLY_METHODS:
-            raise ConfigError(
-                f"'method.name': {cfg.method.name} is not weakly supervised (one of "
-                f"{WEAKLY_METHODS}); it runs with pipelines/distill.py or pipelines/semisup.py"
-            )
-        validate(cfg)
-    except ConfigError as e:
-        return fail(str(e))
-
-    import ray.train
-
-    from components.data.shards import DatasetError
-    from components.training.checkpoint import CheckpointError
-    from components.training.storage import check_writable
-    from components.training.trainer import (
-        failure_message,
-        fit,
-        prepare_dataset,
-        run_name,
-        storage_of,
-    )
+def execute(cfg, info, args) -> str:
+    """Train (or resume) the run, then diagnose its last checkpoint."""
+    from components.training.trainer import fit, run_name, storage_of
     from components.weakly.data import check_image_labels
 
-    start = time.perf_counter()
-    try:
-        check_writable(storage_of(cfg))
-    except ConfigError as e:
-        return fail(str(e))
-    init_ray()
-    try:
-        info = prepare_dataset(cfg)
-        check_image_labels(cfg.data.root, cfg.data.train_split, info.num_classes)
-        name = run_name(cfg, prefix="wsss")
-        print(f"run: {name} (storage: {cfg.trainer.storage_path})", flush=True)
-        outcome = fit(cfg, info, name)
-        if outcome.reused:
-            print(f"run {name} had already finished; showing its last checkpoint", flush=True)
-        diag = None
-        if args.diagnose_rows > 0 and outcome.checkpoint_dir is not None:
-            diag = diagnose_run(cfg, info, outcome.checkpoint_dir, args.diagnose_rows)
-    except (ConfigError, DatasetError, CheckpointError) as e:
-        return fail(str(e))
-    except ray.train.TrainingFailedError as e:
-        return fail(f"training failed: {failure_message(e)}", code=1)
+    check_image_labels(cfg.data.root, cfg.data.train_split, info.num_classes)
+    name = run_name(cfg)
+    print(f"run: {name} (storage: {cfg.trainer.storage_path})", flush=True)
+    outcome = fit(cfg, info, name)
+    if outcome.reused:
+        print(f"run {name} had already finished; showing its last checkpoint", flush=True)
+    diag = None
+    if args.diagnose_rows > 0 and outcome.checkpoint_dir is not None:
+        diag = diagnose_run(cfg, info, outcome.checkpoint_dir, args.diagnose_rows)
+    return report(name, outcome.metrics, diag, storage_of(cfg))
 
-    wall = time.perf_counter() - start
-    print("\n" + report(name, outcome.metrics, diag, storage_of(cfg), wall), flush=True)
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    from components.regimes import WEAKLY
+    from pipelines._common import run_pipeline
+
+    return run_pipeline(WEAKLY, argv, __doc__, execute, default_config, add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ from pathlib import Path
 import pytest
 
 from components.config import (
-    SEMISUP_METHODS,
-    WEAKLY_METHODS,
     Config,
     ConfigError,
     fingerprint,
@@ -14,6 +12,7 @@ from components.config import (
     to_dict,
     validate_against_dataset,
 )
+from components.regimes import REGIMES, SEMI_SUPERVISED, SUPERVISED, WEAKLY, regime_of
 
 
 def test_defaults_validate_and_round_trip():
@@ -54,14 +53,18 @@ def test_wrong_type_named():
         ("model.backbone=resnet19", "model.backbone"),
         ("teacher.model.head=unet", "teacher.model.head"),
         ("method.name=magic", "method.name"),
-        ("method.weights.pi=-1", "method.weights.pi"),
+        ("method.weights.pixel_kd=-1", "method.weights.pixel_kd"),
+        ("method.weights.pi=-1", "method.weights.pixel_kd"),  # the old name, moved
         ("data.scale_min=2.0", "data.scale_min"),
         ("model.pretrained=/no/such/file.pth", "model.pretrained"),
         ("method.dtiem.levels=1", "method.dtiem.levels"),
         ("method.dtiem.clip=0.5", "method.dtiem.clip"),
         ("method.cdm.levels=0", "method.cdm.levels"),
         ("method.cdm.directions=6", "method.cdm.directions"),
-        ("method.weights.str=-1", "method.weights.str"),
+        ("method.weights.structural=-1", "method.weights.structural"),
+        ("method.weights.texture=1", "method.weights.texture"),
+        ("method.weights.cls=5", "method.weakly.weights.cls"),  # another regime's weight
+        ("method.semisup.threshold=0.5", "method.semisup.threshold"),  # another regime's key
         ("method.adversarial.critic_lr=0", "method.adversarial.critic_lr"),
         ("model.backbone=mit_b1", "model.head"),  # MiT needs the segformer head
         ("model.head=segformer", "model.head"),  # and the segformer head a MiT
@@ -117,10 +120,8 @@ def test_shipped_configs_validate():
         # The real-data protocols name the user's ImageNet weights, which are not in the repo.
         cfg = load_config(["--config", str(path), "model.pretrained=null"])
         header = path.read_text().split("\n# ", 1)[1]
-        script = "semisup.py" if cfg.method.name in SEMISUP_METHODS else "distill.py"
-        if cfg.method.name in WEAKLY_METHODS:
-            script = "wsss.py"
-        assert f"pipelines/{script} --config configs/{path.name}" in header, path.name
+        script = regime_of(cfg.method.name).pipeline
+        assert f"{script} --config configs/{path.name}" in header, path.name
         if "cityscapes" in path.name:
             assert cfg.data.num_classes == 19 and cfg.trainer.use_gpu, path.name
 
@@ -182,4 +183,66 @@ def test_cdm_levels_checked_against_the_crop_before_training():
     load_config(["method.cdm.levels=3"])
     with pytest.raises(ConfigError, match=r"method\.cdm\.levels.*12x12 .* 48px crops: at most 3"):
         load_config(["method.cdm.levels=4"])
-    load_config(["method.cdm.levels=4", "method.weights.str=0"])  # no CDM term, no limit
+    load_config(["method.cdm.levels=4", "method.weights.structural=0"])  # no CDM term, no limit
+
+
+def test_old_key_names_still_work_for_one_release_and_name_the_new_key(tmp_path, capsys):
+    cfg = load_config(["method.weights.sta=0", "method.weights.critic=0.2"])
+    err = capsys.readouterr().err
+    assert "'method.weights.sta' is deprecated" in err and "use 'method.weights.statistical'" in err
+    assert "use 'method.adversarial.critic_weight'" in err
+    assert cfg.method.weights["statistical"] == 0.0
+    assert cfg.method.adversarial.critic_weight == 0.2
+    old = tmp_path / "old.yaml"
+    old.write_text("method:\n  name: cross_image\n  weights: {ce: 1.0, unsup: 2.0, style: 0.0}\n")
+    cfg = load_config(["--config", str(old)])
+    assert f"{old}: 'method.weights.unsup' is deprecated" in capsys.readouterr().err
+    assert SEMI_SUPERVISED.weights(cfg) == {
+        "unsup": 2.0, "relation": 1.0, "style": 0.0, "ce": 1.0, "aux": 0.4,
+    }  # fmt: skip
+    # A checkpoint's own metadata (an older run's config) is read quietly.
+    old_meta = to_dict(Config())
+    old_meta["method"]["weights"] = {"ce": 1.0, "aux": 0.4, "pi": None, "str": 2.0, "cls": 1.0}
+    restored = from_dict(old_meta)
+    assert restored.method.weights == {"ce": 1.0, "aux": 0.4, "structural": 2.0}
+    assert restored.method.weakly.weights == {"cls": 1.0}
+    assert capsys.readouterr().err == ""
+
+
+def test_every_method_has_one_regime_and_each_pipeline_its_own_prefix():
+    names = [m for r in REGIMES for m in r.methods]
+    assert len(names) == len(set(names))
+    assert {r.run_prefix for r in REGIMES} == {"distill", "semisup", "wsss"}
+    assert regime_of("sstkd") is SUPERVISED and regime_of("tscd") is WEAKLY
+    assert SUPERVISED.needs_teacher("cirkd") and not SUPERVISED.needs_teacher("none")
+    with pytest.raises(ConfigError, match="'method.name': 'magic' not one of"):
+        regime_of("magic")
+
+
+def test_teacher_run_name_depends_only_on_what_makes_the_teacher():
+    from components.training.trainer import run_name, teacher_training_config
+
+    def teacher_name(*overrides: str) -> str:
+        return run_name(teacher_training_config(load_config(list(overrides))), prefix="teacher")
+
+    base = teacher_name()
+    # Student-side settings: the same cached teacher.
+    for student_side in (
+        "method.weights.statistical=0",
+        "method.name=kd",
+        "method.cdm.levels=3",
+        "model.width=0.5",
+        "optim.lr=0.05",
+        "trainer.epochs=3",
+    ):
+        assert teacher_name(student_side) == base, student_side
+    # What determines the teacher: another one.
+    for teacher_side in (
+        "teacher.model.width=0.25",
+        "teacher.lr=0.05",
+        "teacher.epochs=3",
+        "optim.weight_decay=0.0005",
+        "data.crop_size=32",
+        "trainer.seed=1",
+    ):
+        assert teacher_name(teacher_side) != base, teacher_side

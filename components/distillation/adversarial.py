@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.distillation.term import StepView, Term
+
 
 def critic_input(images: Tensor, logits: Tensor) -> Tensor:
     """(B,3,H,W) images and (B,K,h,w) logits -> (B,K+3,h,w): class probabilities + image."""
@@ -120,6 +122,15 @@ class HolisticDistillation:
         self.critic.to(device)  # in place: the optimizer keeps the same parameters
         return self
 
+    @classmethod
+    def from_settings(cls, settings, num_classes: int, _channels: int) -> HolisticDistillation:
+        a = settings.adversarial
+        return cls(num_classes, a.critic_width, a.critic_lr, a.gradient_penalty, a.critic_weight)
+
+    def prepare(self, student: Tensor, teacher: Tensor, view: StepView) -> dict[str, Tensor]:
+        """The critic's update of this step, before the student's term reads the critic."""
+        return {"critic": self.critic_step(view.images, student, teacher)}
+
 
 def _average_gradients(module: nn.Module) -> None:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -129,3 +140,13 @@ def _average_gradients(module: nn.Module) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(world)
+
+
+def _adversarial_term(student: Tensor, teacher: Tensor, view: StepView, state) -> Tensor:
+    return state.student_loss(view.images, student)
+
+
+# On the logits; the critic (and its optimizer) is the term's state (`method.adversarial`).
+ADVERSARIAL = Term(
+    _adversarial_term, state=HolisticDistillation.from_settings, state_key="holistic"
+)

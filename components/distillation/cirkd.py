@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.distillation.term import StepView, Term
+
 
 def _embeddings(x: Tensor) -> Tensor:
     """(B,C,h,w) -> (B, h·w, C) float32, each pixel L2-normalised over C."""
@@ -212,3 +214,62 @@ def memory_contrast_loss(
         return _kl_rows(zt[idx] @ mem.T / tau, zs[idx] @ mem.T / tau).mean()
 
     return relation("pixel"), relation("region")
+
+
+class MemoryContrast:
+    """The class memory bank as term state, shared by `memory_pixel` and `memory_region`: each
+    step the teacher's embeddings join the bank first (as in CIRKD's code), then both
+    contrasts are computed once over the same anchors."""
+
+    def __init__(self, settings, num_classes: int, teacher_channels: int):
+        c = settings.cirkd
+        self.bank = MemoryBank(
+            num_classes,
+            teacher_channels,
+            pixel_size=c.pixel_memory_size,
+            region_size=c.region_memory_size,
+            pixels_per_class_per_image=c.pixels_per_class,
+        )
+        self.losses: tuple[Tensor, Tensor] | None = None
+
+    def prepare(self, student: Tensor, teacher: Tensor, view: StepView) -> dict[str, Tensor]:
+        c = view.settings.cirkd
+        self.bank.enqueue(teacher, view.mask)
+        self.losses = memory_contrast_loss(
+            student,
+            teacher,
+            self.bank,
+            tau=c.memory_temperature,
+            num_anchors=c.num_anchors,
+            labels=view.mask,
+        )
+        return {}
+
+    def state_dict(self) -> dict:
+        return self.bank.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank.load_state_dict(state)
+
+    def to(self, device: torch.device) -> MemoryContrast:
+        self.bank.to(device)
+        return self
+
+
+def _batch_pixel_term(student: Tensor, teacher: Tensor, view: StepView, _state) -> Tensor:
+    return minibatch_pixel_relation(student, teacher, view.settings.cirkd.batch_temperature)
+
+
+def _memory_term(which: int):
+    def compute(student: Tensor, teacher: Tensor, view: StepView, state: MemoryContrast):
+        return state.losses[which]
+
+    return compute
+
+
+# CIRKD's three relation terms on `embed`, through the adapter (`method.cirkd`).
+BATCH_PIXEL = Term(_batch_pixel_term, feature="embed")
+MEMORY_PIXEL = Term(_memory_term(0), feature="embed", state=MemoryContrast, state_key="memory_bank")
+MEMORY_REGION = Term(
+    _memory_term(1), feature="embed", state=MemoryContrast, state_key="memory_bank"
+)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from components.distillation.term import StepView, Term
+
 _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
 # Reflect padding by 2 (the 5-tap filter's half-width) needs more than 2 pixels per side.
 _MIN_SIZE = 3
@@ -341,3 +343,12 @@ def structural_texture_loss(
     sd_s, sd_t = torch.sqrt(var_s + _NORM_EPS), torch.sqrt(var_t + _NORM_EPS)
     mse = var_s / sd_s**2 + var_t / sd_t**2 - 2 * cov / (sd_s * sd_t)
     return mse.clamp_min(0).mean(dim=(0, 1)).sum()
+
+
+def _structural_term(student: Tensor, teacher: Tensor, view: StepView, _state) -> Tensor:
+    c = view.settings.cdm
+    return structural_texture_loss(student, teacher, c.levels, c.directions)
+
+
+# SSTKD's L_str on the stride-4 `low` map, through the adapter (`method.cdm`).
+STRUCTURAL = Term(_structural_term, feature="low")

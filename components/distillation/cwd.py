@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from components.distillation.term import StepView, Term
+
 
 def channel_wise_distillation(student: Tensor, teacher: Tensor, tau: float = 4.0) -> Tensor:
     """CWD: KL between per-channel spatial softmaxes, as in the paper and the CIRKD code.
@@ -36,3 +38,13 @@ def channel_wise_distillation(student: Tensor, teacher: Tensor, tau: float = 4.0
     log_p_t = F.log_softmax(teacher.detach().float().reshape(b, c, -1) / tau, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
     return kl / (b * c) * tau * tau
+
+
+def _cwd_term(student: Tensor, teacher: Tensor, view: StepView, _state) -> Tensor:
+    return channel_wise_distillation(student, teacher, view.settings.cwd_temperature)
+
+
+# CWD on the logits, and on the pre-classifier `embed` map through the adapter
+# (`method.cwd_temperature` for both).
+CWD_LOGIT = Term(_cwd_term)
+CWD_FEATURE = Term(_cwd_term, feature="embed")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from components.distillation.term import StepView, Term
+
 
 def pixel_kd(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
     """Mean over pixels of T^2 * KL(softmax(teacher/T) || softmax(student/T)) over classes.
@@ -26,3 +28,11 @@ def pixel_kd(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tens
     log_p_t = F.log_softmax(teacher.float() / t, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)  # (B,h,w)
     return kl.mean() * t * t
+
+
+def _pixel_kd_term(student: Tensor, teacher: Tensor, view: StepView, _state) -> Tensor:
+    return pixel_kd(student, teacher, view.settings.temperature)
+
+
+# Logit KD on the logits (`method.temperature`).
+PIXEL_KD = Term(_pixel_kd_term)

@@ -1,17 +1,20 @@
-"""The method protocol: what the training loop needs from a distillation (or plain) method.
+"""What the training loop needs from a method (any regime), and the defaults every method shares.
 
 A method owns the student, any trainable adapters and, when it has one, the frozen teacher.
+`MethodBase` (as timm's TrainingTask) gives every method:
 
 - `trainable`: the one module that is optimised and wrapped by DDP (the student plus adapters).
-  The loop may replace it with its DDP wrapper; methods call it, never `self.student` directly,
-  in `training_step`, so gradients are synchronised.
-- `training_step(batch)`: batch has `image` (B,3,H,W) float and `mask` (B,H,W) int64 (255 =
-  ignore). Returns `loss` (the total to back-propagate) and every named term, detached or not.
+  The loop may replace it with its DDP wrapper; methods call it, never the bare student, in
+  `training_step`, so gradients are synchronised.
+- `training_step(batch)` (each method's own): batch has `image` (B,3,H,W) float and `mask`
+  (B,H,W) int64 (255 = ignore), plus what the regime's streams add (`components/regimes.py`).
+  Returns `loss` (the total to back-propagate) and every named term, detached or not.
 - `eval_model()`: the student, unwrapped, for evaluation and export.
 - `extra_state()` / `load_extra_state()`: state outside `trainable` that must survive a resume
-  (a critic's optimizer, memory banks, an EMA teacher). Empty for the simple methods.
-- `after_step()` (optional): called by the loop after every optimizer step (the semi-supervised
-  methods update their EMA teacher there).
+  (a critic's optimizer, memory banks, an EMA teacher). Empty by default.
+- `after_step()`: called by the training core after every optimizer step (the semi-supervised
+  methods update their EMA teacher there). Nothing by default.
+- `to(device)`: moves everything `parts()` lists (by default `trainable`).
 
 Semi-supervised methods (components/semisup/method.py) also get the unlabeled batch in the same
 dict, its keys prefixed `u_`: `u_image` (weak view), `u_image_strong`, `u_area` (False on crop
@@ -20,25 +23,43 @@ padding), `u_valid`, and `u_mask` (diagnostics only).
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class Method(Protocol):
+class MethodBase:
+    """Defaults of the method contract (module docstring); subclasses set `trainable` and
+    write `training_step`."""
+
     trainable: nn.Module
 
-    def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]: ...
+    def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
 
-    def eval_model(self) -> nn.Module: ...
+    def eval_model(self) -> nn.Module:
+        return unwrap(self.trainable)
 
-    def extra_state(self) -> dict: ...
+    def extra_state(self) -> dict:
+        return {}
 
-    def load_extra_state(self, state: dict) -> None: ...
+    def load_extra_state(self, state: dict) -> None:
+        pass
 
-    def to(self, device: torch.device) -> Method: ...
+    def after_step(self) -> None:
+        pass
+
+    def parts(self) -> list:
+        """Everything `to` moves: modules, and objects with a `to` of their own."""
+        return [self.trainable]
+
+    def to(self, device: torch.device):
+        for part in self.parts():
+            part.to(device)
+        return self
+
+
+Method = MethodBase
 
 
 def unwrap(module: nn.Module) -> nn.Module:

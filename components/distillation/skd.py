@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from components.distillation.term import StepView, Term
+
 
 def pairwise_affinity(feat: Tensor) -> Tensor:
     """Cosine similarity between all pairs of spatial positions of each sample.
@@ -58,3 +60,11 @@ def pairwise_distillation(
         teacher = F.max_pool2d(teacher.detach().float(), kernel, stride=kernel, ceil_mode=True)
     diff = pairwise_affinity(student) - pairwise_affinity(teacher.detach())
     return diff.pow(2).mean()
+
+
+def _pairwise_term(student: Tensor, teacher: Tensor, view: StepView, _state) -> Tensor:
+    return pairwise_distillation(student, teacher, pool_size=view.settings.skd_pool_size)
+
+
+# SKD's pair-wise term on `embed`, unadapted: cosine affinities do not depend on the channels.
+PAIRWISE = Term(_pairwise_term, feature="embed", adapted=False)

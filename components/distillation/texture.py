@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from components.distillation.contourlet import laplacian_band, match_teacher_size, max_levels
+from components.distillation.term import StepView, Term
 
 _GRIDS = (1, 2, 3, 6)
 _IMPORTANCE_FLOOR = 1e-3  # a flat cell's pixels still count, relative to the map's mean energy
@@ -255,3 +256,12 @@ def statistical_texture_loss(
     return ((pred["hist"] - target["hist"]) ** 2).mean() + (
         (pred["level_mean"] - target["level_mean"]) ** 2
     ).mean()
+
+
+def _statistical_term(student: Tensor, teacher: Tensor, view: StepView, _state) -> Tensor:
+    d = view.settings.dtiem
+    return statistical_texture_loss(student, teacher, d.levels, d.iterations, d.clip)
+
+
+# SSTKD's L_sta on the stride-4 `low` map, through the adapter (`method.dtiem`).
+STATISTICAL = Term(_statistical_term, feature="low")

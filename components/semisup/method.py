@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from components.config import SEMISUP_METHODS, MethodConfig
-from components.distillation.protocol import supervised_terms, unwrap
+from components.config import MethodConfig
+from components.distillation.protocol import MethodBase, supervised_terms, unwrap
 from components.semisup.cross_image import (
     StyleMemory,
     relation_loss,
@@ -40,26 +40,26 @@ from components.semisup.ema import EMATeacher
 from components.semisup.fixmatch import confident_ce, cutmix, cutmix_boxes, pseudo_labels
 
 
-def semisup_weights(m: MethodConfig) -> dict[str, float]:
-    """The unlabeled-data terms of the method with their weights (0 = off)."""
-    w = m.weights
-    terms = {"unsup": w.unsup}
-    if m.name == "cross_image":
-        terms.update(relation=w.relation, style=w.style)
-    return terms
+class SemiSupervised(MethodBase):
+    """The semi-supervised objective (module docstring); `trainable` is the student alone.
 
+    `weights`: ce, aux and the unlabeled terms (unsup, relation, style) with their weights, as
+    `regimes.SEMI_SUPERVISED.weights(cfg)` resolves them; 0 or absent switches a term off.
+    """
 
-class SemiSupervised:
-    """The semi-supervised objective (module docstring); `trainable` is the student alone."""
-
-    def __init__(self, student: nn.Module, m: MethodConfig, ignore_index: int = 255):
-        if m.name not in SEMISUP_METHODS:
-            raise ValueError(f"'method.name': {m.name} is not one of {SEMISUP_METHODS}")
+    def __init__(
+        self,
+        student: nn.Module,
+        m: MethodConfig,
+        weights: dict[str, float],
+        ignore_index: int = 255,
+    ):
         s = m.semisup
         self.trainable: nn.Module = student
         self.ema = EMATeacher(student, s.ema_momentum)
-        self.weights = {k: v for k, v in semisup_weights(m).items() if v > 0}
-        self.ce_weight, self.aux_weight = m.weights.ce, m.weights.aux
+        self.ce_weight, self.aux_weight = weights.get("ce", 0.0), weights.get("aux", 0.0)
+        unlabeled = ("unsup", "relation", "style")
+        self.weights = {k: v for k, v in weights.items() if k in unlabeled and v > 0}
         self.threshold = s.threshold
         self.cutmix_prob = s.cutmix_prob if "cutmix" in s.strong else 0.0
         self.temperature = s.relation_temperature
@@ -148,12 +148,8 @@ class SemiSupervised:
         if self.style_memory is not None and "style_memory" in state:
             self.style_memory.load_state_dict(state["style_memory"])
 
-    def to(self, device: torch.device) -> SemiSupervised:
-        self.trainable.to(device)
-        self.ema.to(device)
-        if self.style_memory is not None:
-            self.style_memory.to(device)
-        return self
+    def parts(self) -> list:
+        return [self.trainable, self.ema, *([self.style_memory] if self.style_memory else [])]
 
 
-__all__ = ["SEMISUP_METHODS", "SemiSupervised", "semisup_weights"]
+__all__ = ["SemiSupervised"]

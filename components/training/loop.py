@@ -1,11 +1,11 @@
-"""The per-worker training loop run by every Ray Train worker (any method, any regime).
+"""The Ray Train worker: the training core (`core.py`) run on dataset shards, with what is Ray's.
 
-Each epoch: train on this worker's even split of `train` (semi-supervised runs: and of
-`unlabeled`, one batch of each per step, keys of the second prefixed `u_`) for exactly
-`steps_per_epoch` steps (a method's optional `after_step()` runs after each optimizer step),
-evaluate on its part of `val` (confusion matrices summed across workers), then every worker calls
+Each epoch: `train_one_epoch` on this worker's even split of the regime's streams (one batch of
+each per step, keys of the second prefixed `u_`) for exactly `steps_per_epoch` steps, evaluation
+on its part of `val` (confusion matrices summed across workers), then every worker calls
 `ray.train.report` once; rank 0 attaches a checkpoint with the full training state. A restarted
-worker group, or the same command run again, resumes from `ray.train.get_checkpoint()`.
+worker group, or the same command run again, resumes from `ray.train.get_checkpoint()` (or a
+newer complete checkpoint the driver found in the run folder).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections import defaultdict
+from dataclasses import dataclass
 
 import ray.train
 import ray.train.torch
@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from components.config import WEAKLY_METHODS, Config, from_dict
-from components.distillation.build import build_method
-from components.distillation.protocol import unwrap
+from components.config import Config, from_dict
+from components.distillation.protocol import MethodBase, unwrap
 from components.metrics import miou, pixel_accuracy
 from components.models.build import build_model
+from components.regimes import LABELED, Regime, regime_of
 from components.training.checkpoint import (
     load_full_state,
     read_meta,
@@ -33,23 +33,9 @@ from components.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from components.training.core import EpochStats, train_one_epoch
 from components.training.evaluation import predict_confusion
-from components.training.schedule import build_optimizer, poly_scheduler
-
-TRAIN_DTYPES = {"image": torch.float32, "mask": torch.int64, "valid": torch.bool}
-WEAK_DTYPES = {
-    **TRAIN_DTYPES,
-    "labels": torch.float32,
-    "area": torch.bool,
-    "background_only": torch.bool,
-}
-UNLABELED_DTYPES = {
-    "image": torch.float32,
-    "image_strong": torch.float32,
-    "mask": torch.int64,
-    "area": torch.bool,
-    "valid": torch.bool,
-}
+from components.training.schedule import Schedule, build_optimizer
 
 
 class BadDataError(RuntimeError):
@@ -73,9 +59,30 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _print0(rank: int, msg: str) -> None:
-    if rank == 0:
-        print(msg, flush=True)
+def _dtypes(columns: dict[str, str]) -> dict[str, torch.dtype]:
+    return {k: getattr(torch, v) for k, v in columns.items()}
+
+
+@dataclass
+class Worker:
+    """Everything one worker holds for a run."""
+
+    config: dict  # the driver's train_loop_config
+    cfg: Config
+    regime: Regime
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    method: MethodBase
+    teacher: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    progress: dict
+
+    def print0(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
 
 
 def _build_teacher(config: dict, num_classes: int, device: torch.device) -> nn.Module | None:
@@ -90,16 +97,124 @@ def _build_teacher(config: dict, num_classes: int, device: torch.device) -> nn.M
     return teacher.to(device).eval()
 
 
-def _next_batch(streams: dict) -> dict | None:
-    """One batch from every stream, keys prefixed by the stream's prefix; None when one ends."""
-    batch = {}
-    for prefix, stream in streams.items():
-        try:
-            part = next(stream)
-        except StopIteration:
-            return None
-        batch.update({prefix + k: v for k, v in part.items()})
-    return batch
+def _setup(config: dict) -> Worker:
+    """Models, method, optimizer and schedule of this worker, from the driver's config."""
+    cfg: Config = from_dict(config["cfg"])
+    t, k = cfg.trainer, config["num_classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(t.seed * 1000 + rank)
+    if not on_gpu:
+        local_workers = max(1, ctx.get_local_world_size())
+        torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // local_workers))
+    student = build_model(cfg.model, k).to(device)
+    teacher = _build_teacher(config, k, device)
+    if on_gpu and t.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if (on_gpu and t.amp) else None
+    regime = regime_of(cfg.method.name)
+    method = regime.build_method(
+        cfg,
+        student,
+        teacher,
+        num_classes=k,
+        autocast_dtype=amp_dtype,
+        ignore_index=config["ignore_index"],
+    ).to(device)
+    optimizer = build_optimizer(method.trainable, cfg.optim)
+    schedule = Schedule.of(optimizer, config["steps_per_epoch"] * t.epochs, cfg.optim)
+    progress = {"epoch": 0, "iteration": 0, "best_miou": -1.0, "best_epoch": -1}
+    return Worker(
+        config, cfg, regime, rank, world, device, amp_dtype, method, teacher, optimizer,
+        schedule, progress,
+    )  # fmt: skip
+
+
+def _resume(w: Worker) -> None:
+    """The newest full state: Ray's checkpoint, or a complete checkpoint folder Ray had not
+    registered when the driver was killed between its upload and Ray's bookkeeping (`fit`
+    found it). The schedule needs nothing: the iteration sets the learning rate."""
+    state, source = None, ""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state, _ = load_full_state(folder)
+    found = w.config.get("resume_folder")
+    if found is not None and (
+        state is None or read_meta(found)["progress"]["iteration"] > state["progress"]["iteration"]
+    ):
+        state, _ = load_full_state(found)
+        source = f" ({found}, which Ray had not registered)"
+    if state is None:
+        return
+    w.method.trainable.load_state_dict(state["trainable"])
+    w.optimizer.load_state_dict(state["optimizer"])
+    w.method.load_extra_state(state.get("method", {}))
+    w.progress.update(state["progress"])
+    rngs = state.get("rng", [])
+    if w.rank < len(rngs):
+        set_rng_state(rngs[w.rank])
+    p = w.progress
+    w.print0(f"resumed from checkpoint: epoch {p['epoch']}, iteration {p['iteration']}{source}")
+
+
+class Streams:
+    """Training streams zipped: one batch of each per step, keys prefixed by the stream's
+    prefix; ends when any stream does."""
+
+    def __init__(self, iterators: dict[str, object]):
+        self.iterators = {prefix: iter(it) for prefix, it in iterators.items()}
+
+    @classmethod
+    def of(cls, w: Worker) -> Streams:
+        """This worker's shards of the regime's streams."""
+        d = w.cfg.data
+        iterators = {}
+        for stream in w.regime.streams:
+            size = d.batch_size if stream.prefix == "" else d.unlabeled_batch_size or d.batch_size
+            iterators[stream.prefix] = ray.train.get_dataset_shard(
+                stream.dataset
+            ).iter_torch_batches(
+                batch_size=size,
+                drop_last=True,
+                prefetch_batches=d.prefetch_batches,
+                device=w.device,
+                dtypes=_dtypes(stream.dtypes),
+            )
+        return cls(iterators)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = {}
+        for prefix, it in self.iterators.items():
+            batch.update({prefix + k: v for k, v in next(it).items()})
+        return batch
+
+    def drain(self) -> None:
+        """An even split has nothing left; drain rather than stall the streams."""
+        for it in self.iterators.values():
+            for _ in it:
+                pass
+
+
+def evaluate(w: Worker, model: nn.Module) -> torch.Tensor:
+    """The confusion matrix of `model` over the whole val split (summed across workers)."""
+    d = w.cfg.data
+    batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=d.val_batch_size,
+        dtypes=_dtypes(LABELED),
+        device=w.device,
+        prefetch_batches=d.prefetch_batches,
+    )
+    num_classes, ignore_index = w.config["num_classes"], w.config["ignore_index"]
+    confusion = predict_confusion(model, batches, num_classes, ignore_index, w.amp_dtype)
+    return _all_reduce_sum(confusion.to(w.device)).cpu()
 
 
 def _mean_terms(sums: dict[str, float], reported: dict[str, int], world: int) -> dict:
@@ -120,247 +235,140 @@ def _mean_terms(sums: dict[str, float], reported: dict[str, int], world: int) ->
     return {k: float(total) / max(1.0, float(n)) for k, (total, n) in zip(names, table.tolist())}
 
 
-def _progress_metrics(progress: dict) -> dict:
+def _epoch_totals(w: Worker, stats: EpochStats) -> dict:
+    """The epoch's counts summed over workers; fails on uneven steps or too many bad rows."""
+    counts = _all_reduce_sum(
+        torch.tensor(
+            [stats.steps, stats.bad_rows, stats.seen_rows, stats.wait_s, stats.train_s],
+            dtype=torch.float64,
+        )
+    ).tolist()
+    steps, bad, seen, wait_s, train_s = counts
+    if steps != stats.steps * w.world:
+        raise RuntimeError(
+            f"workers ran different step counts this epoch (this one {stats.steps}); "
+            "the train split was not divided evenly"
+        )
+    limit = w.cfg.data.max_bad_fraction
+    if seen and bad / seen > limit:
+        raise BadDataError(
+            f"{int(bad)} of {int(seen)} training rows were bad (undecodable, wrong mask size or "
+            f"label ids >= {w.config['num_classes']}); more than data.max_bad_fraction={limit}. "
+            "The skipped ids are in the worker logs."
+        )
+    return {"steps": steps, "bad_rows": int(bad), "wait_s": wait_s, "train_s": train_s}
+
+
+def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tuple[dict, dict]:
+    """Evaluate, update the best mIoU; (what the epoch reports, the terms' means)."""
+    t_eval = time.perf_counter()
+    confusion = evaluate(w, w.method.eval_model())
+    eval_s = time.perf_counter() - t_eval
+    mean_iou, _ = miou(confusion)
+    terms = _mean_terms(stats.sums, stats.reported, w.world)
+    p = w.progress
+    p["epoch"] = epoch + 1
+    if mean_iou > p["best_miou"]:
+        p["best_miou"], p["best_epoch"] = mean_iou, epoch + 1
     keys = ("epoch", "iteration", "best_miou", "best_epoch", "teacher_miou")
-    return {k: progress[k] for k in keys if k in progress}
+    train_s = totals["train_s"] / w.world
+    metrics = {
+        **{k: p[k] for k in keys if k in p},
+        "miou": mean_iou,
+        "pixel_acc": pixel_accuracy(confusion),
+        "lr": w.optimizer.param_groups[0]["lr"],
+        **terms,
+        "images_per_s": totals["steps"] * w.cfg.data.batch_size / max(1e-9, train_s),
+        "data_wait_share": totals["wait_s"] / max(1e-9, totals["train_s"]),
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "bad_rows": totals["bad_rows"],
+        "world_size": w.world,
+    }
+    return metrics, terms
+
+
+def _report(w: Worker, metrics: dict, epoch: int) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint with the full state."""
+    rngs: list = [None] * w.world
+    if _distributed():
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.rank == 0:
+            full_state = {
+                "trainable": unwrap(w.method.trainable).state_dict(),
+                "optimizer": w.optimizer.state_dict(),
+                "method": w.method.extra_state(),
+                "progress": dict(w.progress),
+                "rng": rngs,
+            }
+            c = w.config
+            meta = {
+                "config": c["cfg"],
+                "model": c["cfg"]["model"],
+                "num_classes": c["num_classes"],
+                "class_names": c.get("class_names"),
+                "ignore_index": c["ignore_index"],
+                "progress": dict(w.progress),
+                "metrics": metrics,
+            }
+            save_checkpoint(tmp, w.method.eval_model().state_dict(), full_state, meta)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+
+
+def _step_logger(w: Worker, epoch: int):
+    t = w.cfg.trainer
+    total = w.schedule.total_iters
+
+    def log(iteration: int, terms: dict) -> None:
+        if iteration % t.log_every == 0:
+            shown = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in terms.items())
+            lr = w.optimizer.param_groups[0]["lr"]
+            w.print0(f"epoch {epoch + 1}/{t.epochs} it {iteration}/{total} {shown} lr {lr:.2e}")
+
+    return log
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config` is built by `components.training.trainer`:
     cfg (dict), num_classes, ignore_index, class_names, steps_per_epoch, and optionally
     teacher_state (an ObjectRef to a state_dict) with teacher_model (a ModelConfig dict)."""
-    cfg: Config = from_dict(config["cfg"])
-    num_classes, ignore_index = config["num_classes"], config["ignore_index"]
-    steps_per_epoch = config["steps_per_epoch"]
-    t = cfg.trainer
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    torch.manual_seed(t.seed * 1000 + rank)
-    if not on_gpu:
-        local_workers = max(1, ctx.get_local_world_size())
-        torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // local_workers))
-
-    student = build_model(cfg.model, num_classes).to(device)
-    teacher = _build_teacher(config, num_classes, device)
-    if on_gpu and t.channels_last:
-        student = student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher = teacher.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if (on_gpu and t.amp) else None
-    method = build_method(
-        cfg,
-        student,
-        teacher,
-        num_classes=num_classes,
-        autocast_dtype=amp_dtype,
-        ignore_index=ignore_index,
-    ).to(device)
-
-    o = cfg.optim
-    optimizer = build_optimizer(method.trainable, o)
-    total_iters = steps_per_epoch * t.epochs
-    scheduler = poly_scheduler(optimizer, total_iters, o.poly_power, o.warmup_iters)
-    progress = {"epoch": 0, "iteration": 0, "best_miou": -1.0, "best_epoch": -1}
-
-    state, source = None, ""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state, _ = load_full_state(folder)
-    # A checkpoint folder can be complete in storage and still unknown to Ray, when the driver
-    # was killed between its upload and Ray's bookkeeping; the driver found it (`fit`).
-    found = config.get("resume_folder")
-    if found is not None and (
-        state is None or read_meta(found)["progress"]["iteration"] > state["progress"]["iteration"]
-    ):
-        state, _ = load_full_state(found)
-        source = f" ({found}, which Ray had not registered)"
-    if state is not None:
-        method.trainable.load_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # The horizon follows the current config (a resumed run may have more epochs).
-        factor = scheduler.lr_lambdas[0]
-        factor.total_iters, factor.power, factor.warmup_iters = (
-            total_iters,
-            o.poly_power,
-            o.warmup_iters,
+    w = _setup(config)
+    _resume(w)
+    if w.world > 1:
+        on_gpu = w.device.type == "cuda"
+        w.method.trainable = nn.parallel.DistributedDataParallel(
+            w.method.trainable, device_ids=[w.device.index] if on_gpu else None
         )
-        method.load_extra_state(state.get("method", {}))
-        progress.update(state["progress"])
-        rngs = state.get("rng", [])
-        if rank < len(rngs):
-            set_rng_state(rngs[rank])
-        _print0(
-            rank,
-            f"resumed from checkpoint: epoch {progress['epoch']}, "
-            f"iteration {progress['iteration']}{source}",
-        )
-
-    if world > 1:
-        method.trainable = nn.parallel.DistributedDataParallel(
-            method.trainable, device_ids=[device.index] if on_gpu else None
-        )
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    # Semi-supervised runs stream a second dataset into the same steps.
-    unlabeled_shard = ray.train.get_dataset_shard("unlabeled") if config.get("unlabeled") else None
-    batch_size = cfg.data.batch_size
-    after_step = getattr(method, "after_step", None)
-    train_dtypes = WEAK_DTYPES if cfg.method.name in WEAKLY_METHODS else TRAIN_DTYPES
-    iter_args = {
-        "batch_size": batch_size,
-        "drop_last": True,
-        "prefetch_batches": cfg.data.prefetch_batches,
-        "device": device,
-    }
-
-    def evaluate(model: nn.Module) -> torch.Tensor:
-        confusion = predict_confusion(
-            model,
-            val_shard.iter_torch_batches(
-                batch_size=cfg.data.val_batch_size,
-                dtypes=TRAIN_DTYPES,
-                device=device,
-                prefetch_batches=cfg.data.prefetch_batches,
-            ),
-            num_classes,
-            ignore_index,
-            amp_dtype,
-        )
-        return _all_reduce_sum(confusion.to(device)).cpu()
-
-    if teacher is not None and "teacher_miou" not in progress:
+    if w.teacher is not None and "teacher_miou" not in w.progress:
         # Once per run, on the workers (the driver may be a CPU-only head node).
-        progress["teacher_miou"] = miou(evaluate(teacher))[0]
-        _print0(rank, f"teacher val mIoU {100 * progress['teacher_miou']:.2f}")
-
-    for epoch in range(progress["epoch"], t.epochs):
-        method.trainable.train()
-        sums: dict[str, float] = defaultdict(float)
-        reported: dict[str, int] = defaultdict(int)  # steps that gave each term
-        steps, wait_s, bad_rows, seen_rows = 0, 0.0, 0, 0
-        streams = {"": iter(train_shard.iter_torch_batches(dtypes=train_dtypes, **iter_args))}
-        if unlabeled_shard is not None:
-            streams["u_"] = iter(
-                unlabeled_shard.iter_torch_batches(
-                    dtypes=UNLABELED_DTYPES,
-                    **{**iter_args, "batch_size": cfg.data.unlabeled_batch_size or batch_size},
-                )
-            )
-        t_epoch = time.perf_counter()
-        while steps < steps_per_epoch:
-            t_wait = time.perf_counter()
-            batch = _next_batch(streams)
-            if batch is None:
-                break  # the step-count check below reports it
-            wait_s += time.perf_counter() - t_wait
-            for prefix in streams:
-                bad_rows += int((~batch[prefix + "valid"]).sum())
-                seen_rows += batch[prefix + "valid"].numel()
-            if on_gpu and t.channels_last:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            if amp_dtype is not None:
-                with torch.autocast("cuda", dtype=amp_dtype):
-                    terms = method.training_step(batch)
-            else:
-                terms = method.training_step(batch)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step()  # e.g. the EMA teacher's update
-            steps += 1
-            progress["iteration"] += 1
-            for name, value in terms.items():
-                sums[name] += float(value.detach())
-                reported[name] += 1
-            if progress["iteration"] % t.log_every == 0:
-                shown = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in terms.items())
-                _print0(
-                    rank,
-                    f"epoch {epoch + 1}/{t.epochs} it {progress['iteration']}/{total_iters} "
-                    f"{shown} lr {scheduler.get_last_lr()[0]:.2e}",
-                )
-        for stream in streams.values():
-            for _ in stream:  # an even split has nothing left; drain rather than stall the stream
-                pass
-        train_s = time.perf_counter() - t_epoch
-
-        counts = _all_reduce_sum(
-            torch.tensor([steps, bad_rows, seen_rows, wait_s, train_s], dtype=torch.float64)
+        w.progress["teacher_miou"] = miou(evaluate(w, w.teacher))[0]
+        w.print0(f"teacher val mIoU {100 * w.progress['teacher_miou']:.2f}")
+    t = w.cfg.trainer
+    for epoch in range(w.progress["epoch"], t.epochs):
+        streams = Streams.of(w)
+        stats = train_one_epoch(
+            w.method,
+            streams,
+            w.optimizer,
+            w.schedule,
+            w.progress,
+            config["steps_per_epoch"],
+            autocast_dtype=w.amp_dtype,
+            channels_last=w.device.type == "cuda" and t.channels_last,
+            on_step=_step_logger(w, epoch),
         )
-        if counts[0] != steps * world:
-            raise RuntimeError(
-                f"workers ran different step counts this epoch (this one {steps}); "
-                "the train split was not divided evenly"
-            )
-        if counts[2] and counts[1] / counts[2] > cfg.data.max_bad_fraction:
-            raise BadDataError(
-                f"{int(counts[1])} of {int(counts[2])} training rows were bad (undecodable, wrong "
-                f"mask size or label ids >= {num_classes}); more than data.max_bad_fraction="
-                f"{cfg.data.max_bad_fraction}. The skipped ids are in the worker logs."
-            )
-
-        t_eval = time.perf_counter()
-        confusion = evaluate(method.eval_model())
-        eval_s = time.perf_counter() - t_eval
-        mean_iou, _ = miou(confusion)
-        terms_mean = _mean_terms(sums, reported, world)
-
-        progress["epoch"] = epoch + 1
-        if mean_iou > progress["best_miou"]:
-            progress["best_miou"], progress["best_epoch"] = mean_iou, epoch + 1
-        images = float(counts[0]) * batch_size
-        metrics = {
-            **_progress_metrics(progress),
-            "miou": mean_iou,
-            "pixel_acc": pixel_accuracy(confusion),
-            "lr": optimizer.param_groups[0]["lr"],
-            **terms_mean,
-            "images_per_s": images / max(1e-9, float(counts[4]) / world),
-            "data_wait_share": float(counts[3]) / max(1e-9, float(counts[4])),
-            "train_s": float(counts[4]) / world,
-            "eval_s": eval_s,
-            "bad_rows": int(counts[1]),
-            "world_size": world,
-        }
-        _print0(
-            rank,
-            f"epoch {epoch + 1}/{t.epochs}: val mIoU {100 * mean_iou:.2f}  "
-            + " ".join(f"{k} {v:.4f}" for k, v in terms_mean.items())
-            + f"  {metrics['images_per_s']:.1f} img/s, data wait {100 * metrics['data_wait_share']:.0f}%",
+        streams.drain()
+        totals = _epoch_totals(w, stats)
+        metrics, terms = _epoch_metrics(w, stats, totals, epoch)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        w.print0(
+            f"epoch {epoch + 1}/{t.epochs}: val mIoU {100 * metrics['miou']:.2f}  {shown}  "
+            f"{metrics['images_per_s']:.1f} img/s, data wait "
+            f"{100 * metrics['data_wait_share']:.0f}%"
         )
-
-        rngs = [None] * world
-        if _distributed():
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                full_state = {
-                    "trainable": unwrap(method.trainable).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "method": method.extra_state(),
-                    "progress": dict(progress),
-                    "rng": rngs,
-                }
-                meta = {
-                    "config": config["cfg"],
-                    "model": config["cfg"]["model"],
-                    "num_classes": num_classes,
-                    "class_names": config.get("class_names"),
-                    "ignore_index": ignore_index,
-                    "progress": dict(progress),
-                    "metrics": metrics,
-                }
-                save_checkpoint(tmp, method.eval_model().state_dict(), full_state, meta)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        _report(w, metrics, epoch)

@@ -1,31 +1,51 @@
-"""Learning-rate schedule: linear warm-up then poly decay, per iteration."""
+"""Learning rate as a function of the iteration (linear warm-up, then poly decay), and the
+optimizer.
+
+    optimizer = build_optimizer(method.trainable, cfg.optim)
+    schedule = Schedule.of(optimizer, total_iters, cfg.optim)
+    schedule.apply(optimizer, iteration)    # before each step: lr = base lr x factor(iteration)
+
+Nothing about the schedule is state: the iteration alone sets the rate, so a resumed run only
+needs its iteration (and a longer run, more epochs, just has a later horizon).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 
-class PolyFactor:
-    """lr multiplier at iteration i: i/warmup during warm-up, then (1 - i/total)^power.
-
-    A class (not a lambda) so LambdaLR can save it in state_dict.
-    """
-
-    def __init__(self, total_iters: int, power: float = 0.9, warmup_iters: int = 0):
-        self.total_iters, self.power, self.warmup_iters = total_iters, power, warmup_iters
-
-    def __call__(self, i: int) -> float:
-        if i < self.warmup_iters:
-            return (i + 1) / self.warmup_iters
-        return max(0.0, 1.0 - i / max(1, self.total_iters)) ** self.power
+def lr_factor(iteration: int, total_iters: int, power: float, warmup_iters: int = 0) -> float:
+    """(i+1)/warmup during the warm-up, then (1 - i/total)^power (0 past the horizon)."""
+    if iteration < warmup_iters:
+        return (iteration + 1) / warmup_iters
+    return max(0.0, 1.0 - iteration / max(1, total_iters)) ** power
 
 
-def poly_scheduler(
-    optimizer: torch.optim.Optimizer, total_iters: int, power: float, warmup_iters: int = 0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, PolyFactor(total_iters, power, warmup_iters)
-    )
+@dataclass
+class Schedule:
+    """Each parameter group's base lr, scaled by `lr_factor` of the iteration."""
+
+    base_lrs: list[float]
+    total_iters: int
+    power: float
+    warmup_iters: int = 0
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer, total_iters: int, optim) -> Schedule:
+        """From an optimizer and an OptimConfig. The base lrs are the groups' `initial_lr`
+        (set by `build_optimizer`, kept in its state_dict), else their current lr."""
+        base = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        return cls(base, total_iters, optim.poly_power, optim.warmup_iters)
+
+    def factor(self, iteration: int) -> float:
+        return lr_factor(iteration, self.total_iters, self.power, self.warmup_iters)
+
+    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+        f = self.factor(iteration)
+        for group, base in zip(optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * f
 
 
 def build_optimizer(module: torch.nn.Module, optim) -> torch.optim.Optimizer:
@@ -46,6 +66,8 @@ def build_optimizer(module: torch.nn.Module, optim) -> torch.optim.Optimizer:
             {"params": backbone, "lr": optim.lr},
             {"params": heads, "lr": optim.lr * optim.head_lr_mult},
         ]
+    for group in groups:
+        group["initial_lr"] = group["lr"]  # the base of the schedule; saved with the optimizer
     match optim.name:
         case "sgd":
             return torch.optim.SGD(

@@ -21,28 +21,20 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from components.config import (
-    SEMISUP_METHODS,
-    WEAKLY_METHODS,
     Config,
     ConfigError,
+    MethodConfig,
     ModelConfig,
     fingerprint,
     from_dict,
     to_dict,
     validate_against_dataset,
 )
-from components.data.ingest import (
-    SegDataConfig,
-    build_datasets,
-    build_semisup_datasets,
-    build_weak_datasets,
-    labeled_selection,
-    steps_per_epoch,
-)
+from components.data.ingest import SegDataConfig
 from components.data.shards import DatasetInfo, list_shards
 from components.data.synthetic import ensure_synthetic
-from components.distillation.build import needs_teacher
 from components.models.build import build_model
+from components.regimes import regime_of
 from components.training.checkpoint import (
     CheckpointError,
     checkpoint_folders,
@@ -105,14 +97,16 @@ def storage_of(cfg: Config) -> str:
     return absolute_storage(cfg.trainer.storage_path)
 
 
-def run_name(cfg: Config, prefix: str = "distill") -> str:
+def run_name(cfg: Config, prefix: str | None = None) -> str:
     """Deterministic: the same experiment gets the same name, so re-running resumes it.
 
-    The trainer section is left out (except the seed): more epochs or more workers continue the
-    same run rather than starting a new one.
+    The prefix is the regime's (`distill`, `semisup`, `wsss`) unless given. The trainer section
+    is left out (except the seed): more epochs or more workers continue the same run rather than
+    starting a new one.
     """
     if cfg.trainer.name:
         return cfg.trainer.name
+    prefix = prefix or regime_of(cfg.method.name).run_prefix
     key = dataclasses.replace(
         cfg,
         trainer=dataclasses.replace(Config().trainer, seed=cfg.trainer.seed),
@@ -122,11 +116,16 @@ def run_name(cfg: Config, prefix: str = "distill") -> str:
 
 
 def teacher_training_config(cfg: Config) -> Config:
-    """The config that trains the teacher when none is given: `method: none` on the same data."""
+    """The config that trains the teacher when none is given: `method: none` on the same data.
+
+    Only what determines the teacher is kept: its model, the data, the optimisation (at
+    `teacher.lr`, for `teacher.epochs`) and the seed. The student's model and method settings
+    are reset to the schema's defaults, so the teacher's run name (a hash of this config) and
+    with it the cached teacher are the same for every student setting."""
     return dataclasses.replace(
         cfg,
         model=cfg.teacher.model,
-        method=dataclasses.replace(cfg.method, name="none"),
+        method=MethodConfig(name="none"),
         optim=dataclasses.replace(cfg.optim, lr=cfg.teacher.lr),
         trainer=dataclasses.replace(cfg.trainer, epochs=cfg.teacher.epochs, name=None),
     )
@@ -187,7 +186,7 @@ def finished_checkpoint(storage: str, name: str, epochs: int) -> Path | None:
 
 
 def obtain_teacher(cfg: Config, info: DatasetInfo, log=print) -> Teacher | None:
-    if not needs_teacher(cfg.method.name):
+    if not regime_of(cfg.method.name).needs_teacher(cfg.method.name):
         return None
     if cfg.teacher.checkpoint:
         teacher = load_teacher(cfg.teacher.checkpoint, cfg.teacher.model, info.num_classes)
@@ -234,30 +233,7 @@ def build_trainer(
     callbacks: list | None = None,
 ):
     request = _request(cfg)
-    if cfg.method.name in SEMISUP_METHODS:
-        # A labeled and an unlabeled stream; an epoch is one pass over the larger one.
-        datasets, steps, _ = build_semisup_datasets(
-            cfg.data, info, cfg.method.semisup, cfg.trainer.num_workers
-        )
-    elif cfg.method.name in WEAKLY_METHODS:
-        # Image-level labels only; the masks travel along for diagnostics.
-        datasets = build_weak_datasets(cfg.data, info)
-        rows = info.splits[cfg.data.train_split].rows * cfg.data.train_repeat
-        steps = steps_per_epoch(
-            info, cfg.data.train_split, cfg.data.batch_size, cfg.trainer.num_workers, rows
-        )
-    else:
-        # `data.labeled_count` (the supervised-only baseline of a semi-supervised comparison)
-        # trains on that labeled subset only.
-        keep_ids, rows = labeled_selection(cfg.data, info)
-        datasets = build_datasets(cfg.data, info, keep_ids)
-        steps = steps_per_epoch(
-            info,
-            cfg.data.train_split,
-            cfg.data.batch_size,
-            cfg.trainer.num_workers,
-            rows * cfg.data.train_repeat,
-        )
+    datasets, steps = regime_of(cfg.method.name).build_datasets(cfg, info, request.num_workers)
     loop_config = {
         "cfg": to_dict(cfg),
         "num_classes": info.num_classes,

@@ -1,6 +1,6 @@
 """Search-space distributions, written as the text of a call: `loguniform(0.1, 10)`, `choice([4, 8])`.
 
-    dist = parse_distribution("method.weights.str", "loguniform(0.1, 10)")
+    dist = parse_distribution("method.weights.structural", "loguniform(0.1, 10)")
     dist.edge_values()   # [0.1, 10.0]: what the sweep checks against distill's validation
 
 Parsed with `ast` (literal arguments only, nothing is evaluated); errors name the key. No Ray here:

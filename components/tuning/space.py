@@ -2,13 +2,13 @@
 
     spec = load_sweep("configs/tune_sstkd_cityscapes.yaml", ["sweep.num_samples=4"])
     spec.base          # the distill Config every trial starts from (validated)
-    spec.search        # {"method.weights.str": Distribution("loguniform", (0.1, 10)), ...}
-    spec.trial_config({"method.weights.str": 2.0})   # a complete, validated distill Config
+    spec.search        # {"method.weights.structural": Distribution("loguniform", (0.1, 10)), ...}
+    spec.trial_config({"method.weights.structural": 2.0})   # a complete, validated distill Config
 
 The search space uses distill's own dotted keys, written as the text of a call:
 
     search:
-      method.weights.str: loguniform(0.1, 10)
+      method.weights.structural: loguniform(0.1, 10)
       method.dtiem.levels: choice([4, 8, 16, 32, 64, 128])
 
 Every key, distribution and range is checked before any trial starts: a key that is not in
@@ -29,15 +29,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from components.config import (
+    RENAMED,
     Config,
     ConfigError,
-    MethodWeights,
-    _known_keys,
     _suggest,
     fingerprint,
+    known_keys,
     merge_config,
+    open_weight_maps,
+    renamed_key,
     validate,
 )
+from components.regimes import REGIMES
 from components.training.storage import absolute_storage
 from components.tuning.distributions import DISTRIBUTIONS, Distribution, parse_distribution
 
@@ -50,7 +53,8 @@ REPORTED_METRICS = (
     "teacher_miou",
     "lr",
     "loss",
-    *(f.name for f in dataclasses.fields(MethodWeights)),
+    *dict.fromkeys(k for r in REGIMES for k in r.weight_keys),
+    "critic",
     "images_per_s",
     "data_wait_share",
     "train_s",
@@ -91,7 +95,9 @@ class SweepSpec:
 
     def trial_config(self, params: dict[str, Any]) -> Config:
         """The distill Config of one trial: the base with `params` (dotted keys) set."""
-        merged = OmegaConf.merge(OmegaConf.structured(self.base), _dotted(params))
+        base = OmegaConf.structured(self.base)
+        open_weight_maps(base)
+        merged = OmegaConf.merge(base, _dotted(params))
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
         validate(cfg)
         return cfg
@@ -137,7 +143,7 @@ def _check_settings(s: SweepSettings, source: str) -> None:
 
 
 def _check_search_key(key: str, base: Config, source: str) -> None:
-    if key not in _known_keys(Config()):
+    if key not in known_keys():
         raise ConfigError(f"{source}: search key '{key}' is not in distill's schema{_suggest(key)}")
     if any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_SEARCHABLE):
         raise ConfigError(
@@ -210,6 +216,7 @@ def build_spec(
         raise ConfigError(f"{source}: 'search' must map at least one dotted key to a distribution")
     search = {}
     for key, text in search_raw.items():
+        key = renamed_key(key, source) if key in RENAMED else key
         _check_search_key(key, base, source)
         if key in overrides:
             raise ConfigError(f"{source}: '{key}' is both searched and fixed in 'overrides'")
@@ -290,8 +297,8 @@ DEFAULT_SWEEP: dict = {
     "distill": None,
     "overrides": {"trainer.epochs": 3},
     "search": {
-        "method.weights.str": "loguniform(0.1, 10)",
-        "method.weights.sta": "loguniform(0.1, 10)",
+        "method.weights.structural": "loguniform(0.1, 10)",
+        "method.weights.statistical": "loguniform(0.1, 10)",
         "method.dtiem.levels": "choice([4, 8, 16, 32])",
     },
     "sweep": {

@@ -23,7 +23,7 @@ CAMs. One step:
    segmentation maps is taught the correspondence of their CAMs (each view's maps resized to
    that view's image size before the points are sampled).
 
-Weights (`method.weights.cls/seg/aff/scd`, 0 = off) make the ablations config switches: AFA is
+Weights (`method.weakly.weights.cls/seg/aff/scd`, 0 = off) make the ablations config switches: AFA is
 `scd=0` with `refine=plain`; "no refinement" is `refine=none`.
 
 DDP: the trainable module is `TwoViews` (the network run on both views in one forward call), so
@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.config import WEAKLY_METHODS, MethodConfig, WeaklyConfig
+from components.config import MethodConfig, WeaklyConfig
 from components.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from components.distillation.protocol import segmentation_ce, unwrap
+from components.distillation.protocol import MethodBase, segmentation_ce, unwrap
 from components.weakly.affinity import affinity_labels, affinity_loss, downsample_labels
 from components.weakly.cam import multiscale_cam, normalise_cams
 from components.weakly.pseudo_labels import pseudo_labels
@@ -102,17 +102,24 @@ def balanced_seg_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -
     )
 
 
-class TSCD:
-    """The weakly supervised objective (module docstring); `trainable` is `TwoViews(network)`."""
+class TSCD(MethodBase):
+    """The weakly supervised objective (module docstring); `trainable` is `TwoViews(network)`.
 
-    def __init__(self, network: nn.Module, m: MethodConfig, ignore_index: int = 255):
-        if m.name not in WEAKLY_METHODS:
-            raise ValueError(f"'method.name': {m.name} is not one of {WEAKLY_METHODS}")
+    `weights`: cls, seg, aff and scd, as `regimes.WEAKLY.weights(cfg)` resolves them (0 or
+    absent: off)."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        m: MethodConfig,
+        weights: dict[str, float],
+        ignore_index: int = 255,
+    ):
         if getattr(network, "classifier", None) is None:
             raise ValueError(f"method '{m.name}' needs a network with model.cls_head=true")
-        w, self.cfg = m.weights, m.weakly
+        self.cfg = m.weakly
         self.trainable: nn.Module = TwoViews(network)
-        self.weights = {"cls": w.cls, "seg": w.seg, "aff": w.aff, "scd": w.scd}
+        self.weights = {k: float(weights.get(k, 0.0)) for k in ("cls", "seg", "aff", "scd")}
         self.ignore_index = ignore_index
         self.iteration = 0
         self.refine_fn = refine_function(m.weakly)
@@ -206,10 +213,6 @@ class TSCD:
 
     def load_extra_state(self, state: dict) -> None:
         self.iteration = int(state.get("iteration", 0))
-
-    def to(self, device: torch.device) -> TSCD:
-        self.trainable.to(device)
-        return self
 
 
 __all__ = ["TSCD", "TwoViews", "balanced_seg_loss", "refine_function", "to_unit_range"]

@@ -1,4 +1,5 @@
-"""The composed distillers: term sets, published weights, totals, adapters, errors, extra state."""
+"""The composed distillers: term rows, published weights, totals, adapters, errors, extra state,
+and a new term added through the table alone."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from components.config import Config, ModelConfig, merge_config
-from components.distillation.build import build_method, method_terms
+from components.config import Config, ConfigError, ModelConfig, merge_config
+from components.distillation.build import build_method
 from components.distillation.cirkd import memory_contrast_loss, minibatch_pixel_relation
 from components.distillation.contourlet import structural_texture_loss
 from components.distillation.cwd import channel_wise_distillation
 from components.distillation.distiller import Distiller
 from components.distillation.logits import pixel_kd
 from components.distillation.protocol import segmentation_ce
+from components.distillation.term import Term
+from components.distillation.terms import TERMS, method_terms
 from components.distillation.texture import statistical_texture_loss
 from components.models.build import build_model
 from components.training.checkpoint import load_full_state, save_checkpoint
@@ -45,12 +48,15 @@ def _cfg(name: str, *overrides: str) -> Config:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("kd", {"pi": 1.0}),
-        ("cwd", {"cwd_feat": 50.0, "cwd_logit": 3.0}),
-        ("skd", {"pi": 1.0, "skd": 10.0, "adv": 0.001}),
-        ("adversarial", {"adv": 0.001}),
-        ("cirkd", {"pi": 1.0, "batch_pixel": 1.0, "memory_pixel": 0.1, "memory_region": 0.1}),
-        ("sstkd", {"pi": 10.0, "adv": 0.1, "str": 1.0, "sta": 1.0}),
+        ("kd", {"pixel_kd": 1.0}),
+        ("cwd", {"cwd_feature": 50.0, "cwd_logit": 3.0}),
+        ("skd", {"pixel_kd": 1.0, "pairwise": 10.0, "adversarial": 0.001}),
+        ("adversarial", {"adversarial": 0.001}),
+        (
+            "cirkd",
+            {"pixel_kd": 1.0, "batch_pixel": 1.0, "memory_pixel": 0.1, "memory_region": 0.1},
+        ),
+        ("sstkd", {"pixel_kd": 10.0, "adversarial": 0.1, "structural": 1.0, "statistical": 1.0}),
     ],
 )
 def test_each_method_has_its_published_terms(name, expected):
@@ -58,13 +64,16 @@ def test_each_method_has_its_published_terms(name, expected):
 
 
 def test_explicit_weights_override_the_published_ones():
-    w = _cfg("sstkd", "method.weights.pi=2", "method.weights.sta=0").method.weights
-    assert method_terms("sstkd", w) == {"pi": 2.0, "adv": 0.1, "str": 1.0, "sta": 0.0}
+    w = _cfg("sstkd", "method.weights.pixel_kd=2", "method.weights.statistical=0").method.weights
+    expected = {"pixel_kd": 2.0, "structural": 1.0, "statistical": 0.0, "adversarial": 0.1}
+    assert method_terms("sstkd", w) == expected
 
 
-def test_explicit_pi_or_adv_combine_with_any_method():
-    w = _cfg("cwd", "method.weights.pi=0.5", "method.weights.adv=0.01").method.weights
-    assert method_terms("cwd", w) == {"cwd_feat": 50.0, "cwd_logit": 3.0, "pi": 0.5, "adv": 0.01}
+def test_any_explicit_term_combines_with_any_method():
+    w = _cfg("cwd", "method.weights.pixel_kd=0.5", "method.weights.adversarial=0.01").method.weights
+    expected = {"pixel_kd": 0.5, "cwd_logit": 3.0, "cwd_feature": 50.0, "adversarial": 0.01}
+    assert method_terms("cwd", w) == expected
+    assert list(method_terms("cwd", w)) == list(expected)  # the table's computation order
 
 
 @pytest.mark.parametrize("name", ["kd", "cwd", "skd", "adversarial", "cirkd", "sstkd"])
@@ -73,7 +82,7 @@ def test_every_term_is_reported_and_the_total_is_their_sum(name):
     method = build_method(_cfg(name), student, teacher, num_classes=K)
     terms = method.training_step(_batch())
     expected = {"ce", "aux", "loss", *method_terms(name, _cfg(name).method.weights)}
-    if "adv" in expected:
+    if "adversarial" in expected:
         expected.add("critic")  # logged, not part of the student's loss
     assert set(terms) == expected
     summed = sum(v for k, v in terms.items() if k not in ("loss", "critic"))
@@ -81,14 +90,15 @@ def test_every_term_is_reported_and_the_total_is_their_sum(name):
     assert all(torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
     trainable = method.trainable
-    assert all(p.grad is not None for p in trainable.adapters.parameters())
+    adapters = getattr(trainable, "adapters", nn.ModuleDict())
+    assert all(p.grad is not None for p in adapters.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.parameters())
     assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_sstkd_total_matches_the_terms_computed_by_hand():
     student, teacher = _models()
-    cfg = _cfg("sstkd", "method.weights.adv=0")
+    cfg = _cfg("sstkd", "method.weights.adversarial=0")
     method = build_method(cfg, student, teacher, num_classes=K)
     batch = _batch()
     torch.manual_seed(3)  # the same dropout masks in both student forwards
@@ -124,9 +134,10 @@ def test_cirkd_and_cwd_terms_match_their_functions_with_a_stride_16_teacher():
     torch.testing.assert_close(
         terms["batch_pixel"].detach(), minibatch_pixel_relation(s_embed, t_embed, 0.1)
     )
-    pixel, _ = memory_contrast_loss(s_embed, t_embed, method.bank, 0.1, None, batch["mask"])
+    bank = method.states["memory_bank"].bank
+    pixel, _ = memory_contrast_loss(s_embed, t_embed, bank, 0.1, None, batch["mask"])
     assert terms["memory_pixel"] > 0 and pixel > 0
-    assert int(method.bank.pixel_count.sum()) > 0
+    assert int(bank.pixel_count.sum()) > 0
 
     method = build_method(_cfg("cwd"), *_models(teacher_os=16), num_classes=K)
     torch.manual_seed(3)
@@ -136,17 +147,28 @@ def test_cirkd_and_cwd_terms_match_their_functions_with_a_stride_16_teacher():
         t_embed = method.teacher(batch["image"])["features"]["embed"]
         s_embed = method.trainable(batch["image"])["adapted"]["embed"]
     torch.testing.assert_close(
-        terms["cwd_feat"].detach(), 50 * channel_wise_distillation(s_embed, t_embed, 4.0)
+        terms["cwd_feature"].detach(), 50 * channel_wise_distillation(s_embed, t_embed, 4.0)
     )
 
 
 def test_zero_weights_remove_terms_and_their_adapters():
     student, teacher = _models()
-    cfg = _cfg("sstkd", "method.weights.str=0", "method.weights.sta=0", "method.weights.adv=0")
+    off = ("structural", "statistical", "adversarial")
+    cfg = _cfg("sstkd", *(f"method.weights.{k}=0" for k in off))
     method = build_method(cfg, student, teacher, num_classes=K)
-    assert len(method.trainable.adapters) == 0 and method.holistic is None
-    assert set(method.training_step(_batch())) == {"ce", "aux", "pi", "loss"}
+    assert method.trainable is student and method.states == {}
+    assert set(method.training_step(_batch())) == {"ce", "aux", "pixel_kd", "loss"}
     assert method.eval_model() is student
+
+
+def test_method_none_needs_no_teacher_and_trains_the_student_alone():
+    student, _ = _models()
+    method = build_method(_cfg("none"), student, None, num_classes=K)
+    assert method.trainable is student and method.teacher is None
+    terms = method.training_step(_batch())
+    assert set(terms) == {"ce", "aux", "loss"}
+    with pytest.raises(ValueError, match="need a teacher"):
+        build_method(_cfg("kd"), student, None, num_classes=K)
 
 
 class _NoLowTeacher(nn.Module):
@@ -168,15 +190,14 @@ def test_teacher_without_low_feature_is_named():
 def test_unknown_term_is_rejected():
     student, teacher = _models()
     with pytest.raises(ValueError, match="unknown distillation terms"):
-        Distiller(student, teacher, {"pixel": 1.0}, _cfg("kd").method, K)
+        Distiller(student, teacher, {"pixel": 1.0}, _cfg("kd").method, K, TERMS)
 
 
 def test_critic_and_memory_bank_survive_a_checkpoint(tmp_path):
     student, teacher = _models()
-    cfg = _cfg("cirkd", "method.weights.adv=0.01")
-    method = Distiller(
-        student, teacher, {"pi": 1.0, "memory_pixel": 0.1, "adv": 0.01}, cfg.method, K
-    )
+    cfg = _cfg("cirkd", "method.weights.adversarial=0.01")
+    weights = {"pixel_kd": 1.0, "memory_pixel": 0.1, "adversarial": 0.01}
+    method = Distiller(student, teacher, weights, cfg.method, K, TERMS)
     for seed in range(2):
         method.training_step(_batch(seed))
     full = {"trainable": method.trainable.state_dict(), "method": method.extra_state()}
@@ -184,20 +205,78 @@ def test_critic_and_memory_bank_survive_a_checkpoint(tmp_path):
     state, _ = load_full_state(str(tmp_path))
 
     student2, teacher2 = _models()
-    fresh = Distiller(
-        student2, teacher2, {"pi": 1.0, "memory_pixel": 0.1, "adv": 0.01}, cfg.method, K
-    )
+    fresh = Distiller(student2, teacher2, weights, cfg.method, K, TERMS)
     fresh.trainable.load_state_dict(state["trainable"])
     fresh.load_extra_state(state["method"])
-    for a, b in zip(method.bank.buffers(), fresh.bank.buffers()):
+    banks = [m.states["memory_bank"].bank for m in (method, fresh)]
+    for a, b in zip(banks[0].buffers(), banks[1].buffers()):
         assert torch.equal(a, b)
-    assert fresh.holistic.optimizer.state_dict()["state"][0]["step"] == 2
+    assert fresh.states["holistic"].optimizer.state_dict()["state"][0]["step"] == 2
     torch.manual_seed(7)
     expected = method.training_step(_batch(5))
     torch.manual_seed(7)
     got = fresh.training_step(_batch(5))
-    for key in ("memory_pixel", "adv", "critic"):
+    for key in ("memory_pixel", "adversarial", "critic"):
         torch.testing.assert_close(got[key], expected[key])
 
     with pytest.raises(KeyError, match="no 'memory_bank' state"):
         fresh.load_extra_state({"holistic": copy.deepcopy(method.extra_state()["holistic"])})
+
+
+def _toy_term(student: torch.Tensor, teacher: torch.Tensor, view, state) -> torch.Tensor:
+    """Mean squared difference of the adapted `embed` maps, plus a counter kept as state."""
+    state.steps += 1
+    t = torch.nn.functional.interpolate(teacher, size=student.shape[-2:], mode="bilinear")
+    return (student - t).pow(2).mean()
+
+
+class _Counter:
+    def __init__(self, settings, num_classes: int, channels: int):
+        self.steps, self.channels = 0, channels
+
+    def prepare(self, student, teacher, view):
+        return {"toy_calls": torch.tensor(float(self.steps))}
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+    def to(self, device):
+        return self
+
+
+def test_a_new_term_is_one_table_row(monkeypatch):
+    # A term defined here, added to the table and to a method row, runs one step through the
+    # real config and build path (validation included) without any other file changing.
+    from components.config import validate
+    from components.distillation import terms as table
+    from components.training.core import train_one_epoch
+    from components.training.schedule import Schedule, build_optimizer
+
+    toy = Term(_toy_term, feature="embed", state=_Counter, state_key="toy")
+    monkeypatch.setitem(table.TERMS, "toy", toy)
+    monkeypatch.setitem(table.METHODS, "kd", {"pixel_kd": 1.0, "toy": 2.0})
+    cfg = _cfg("kd", "method.weights.toy=3")
+    validate(cfg)  # the supervised regime's weight keys follow the table
+    student, teacher = _models()
+    method = build_method(cfg, student, teacher, num_classes=K)
+    assert "embed" in method.trainable.adapters  # the term asked for an adapted feature
+    optimizer = build_optimizer(method.trainable, cfg.optim)
+    schedule = Schedule.of(optimizer, 10, cfg.optim)
+    batch = _batch()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        s_embed = method.trainable(batch["image"])["adapted"]["embed"]
+        t_embed = teacher(batch["image"])["features"]["embed"]
+    expected = 3.0 * _toy_term(s_embed, t_embed, None, _Counter(None, K, 0))
+    progress = {"iteration": 0}
+    torch.manual_seed(3)  # the same dropout as above
+    stats = train_one_epoch(method, iter([batch]), optimizer, schedule, progress, steps=1)
+    assert stats.steps == 1 and progress["iteration"] == 1
+    assert stats.sums["toy"] == pytest.approx(float(expected), rel=1e-5)
+    assert stats.sums["toy_calls"] == 0.0  # logged by the state's prepare, before the term
+    assert method.extra_state()["toy"] == {"steps": 1}
+    with pytest.raises(ConfigError, match="method.weights.tyo.*did you mean 'toy'"):
+        validate(_cfg("kd", "method.weights.tyo=3"))

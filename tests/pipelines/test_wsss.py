@@ -71,6 +71,6 @@ def test_tscd_run_report_evaluate_resume(ray_session, wsss_data, tmp_path, capsy
 
 def test_refuses_other_methods_and_bad_config(tmp_path, capsys):
     assert wsss.main(["method.name=kd", f"trainer.storage_path={tmp_path}"]) == 2
-    assert "not weakly supervised" in capsys.readouterr().err
+    assert "kd is supervised; run it with pipelines/distill.py" in capsys.readouterr().err
     assert wsss.main(["model.cls_head=false", f"trainer.storage_path={tmp_path}"]) == 2
     assert "model.cls_head" in capsys.readouterr().err

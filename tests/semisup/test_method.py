@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from components.config import Config, MethodConfig, ModelConfig, SemiSupConfig
-from components.distillation.build import build_method, needs_teacher
+from components.distillation.build import build_method
 from components.models.build import build_model
+from components.regimes import SEMI_SUPERVISED, regime_of
 from components.semisup.method import SemiSupervised
 
 
@@ -118,7 +119,9 @@ def test_after_step_updates_the_ema_and_state_round_trips():
 
 
 def test_eval_model_choice_and_no_external_teacher():
-    assert not needs_teacher("cross_image") and not needs_teacher("fixmatch")
+    assert regime_of("cross_image") is regime_of("fixmatch") is SEMI_SUPERVISED
+    assert not SEMI_SUPERVISED.needs_teacher("cross_image")
+    assert not SEMI_SUPERVISED.needs_teacher("fixmatch")
     m = _method(evaluate="ema")
     assert m.eval_model() is m.ema.model
     s = _method()  # the student by default

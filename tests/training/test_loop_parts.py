@@ -1,11 +1,11 @@
-"""Helpers of the training loop that run without Ray workers."""
+"""Parts of the Ray worker and the training core that run without Ray workers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from components.training.loop import _mean_terms, _next_batch
+from components.training.loop import Streams, _mean_terms
 
 
 def test_terms_are_averaged_over_the_steps_that_reported_them():
@@ -20,16 +20,16 @@ def test_terms_are_averaged_over_the_steps_that_reported_them():
 def test_next_batch_prefixes_the_second_stream_and_stops_with_either():
     labeled = iter([{"image": torch.zeros(1)}, {"image": torch.ones(1)}])
     unlabeled = iter([{"image": torch.full((1,), 2.0), "area": torch.ones(1, dtype=torch.bool)}])
-    streams = {"": labeled, "u_": unlabeled}
-    batch = _next_batch(streams)
+    streams = Streams({"": labeled, "u_": unlabeled})
+    batch = next(streams)
     assert set(batch) == {"image", "u_image", "u_area"} and float(batch["u_image"]) == 2.0
-    assert _next_batch(streams) is None  # the unlabeled stream ended
+    assert next(streams, None) is None  # the unlabeled stream ended
 
 
 def test_optimizer_groups_and_kinds():
     from components.config import ModelConfig, OptimConfig
     from components.models.build import build_model
-    from components.training.schedule import build_optimizer, poly_scheduler
+    from components.training.schedule import Schedule, build_optimizer
     from components.weakly.tscd import TwoViews
 
     net = TwoViews(
@@ -46,10 +46,11 @@ def test_optimizer_groups_and_kinds():
     assert {by_id[id(p)] for p in heads["params"]} == set(names) - backbone
     assert "net.classifier.weight" in {by_id[id(p)] for p in heads["params"]}
     # The schedule scales both groups alike: warm-up 2 iterations, then poly.
-    sched = poly_scheduler(opt, 10, 1.0, 2)
+    schedule = Schedule(schedule_base := [g["lr"] for g in opt.param_groups], 10, 1.0, 2)
+    assert schedule.base_lrs == schedule_base
+    schedule.apply(opt, 0)
     assert [g["lr"] for g in opt.param_groups] == [3e-5, pytest.approx(3e-4)]
-    opt.step()
-    sched.step()
+    schedule.apply(opt, 1)
     assert [g["lr"] for g in opt.param_groups] == [6e-5, pytest.approx(6e-4)]
     # One group (and plain SGD) when there is no head multiplier: old checkpoints still load.
     sgd = build_optimizer(net, OptimConfig())

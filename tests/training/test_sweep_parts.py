@@ -74,7 +74,7 @@ def test_best_yaml_is_a_complete_config(tmp_path):
     spec = build_spec(
         {
             "overrides": {"trainer.epochs": 2},
-            "search": {"method.weights.str": "loguniform(0.1, 10)"},
+            "search": {"method.weights.structural": "loguniform(0.1, 10)"},
             "sweep": {"name": "s"},
         },
         "t.yaml",
@@ -84,12 +84,12 @@ def test_best_yaml_is_a_complete_config(tmp_path):
         "score": 0.4,
         "best_miou": 0.4,
         "epochs": 2,
-        "method.weights.str": 3.5,
+        "method.weights.structural": 3.5,
     }
     path = tmp_path / "best.yaml"
     path.write_text(sweep.best_config_yaml(spec, row))
     cfg = load_config(["--config", str(path)])
-    assert cfg.method.weights.str == 3.5 and cfg.trainer.epochs == 2
+    assert cfg.method.weights["structural"] == 3.5 and cfg.trainer.epochs == 2
     assert "x_00001" in path.read_text().splitlines()[0]
 
 
@@ -103,7 +103,7 @@ def test_rerun_must_be_the_same_sweep(monkeypatch, tmp_path):
     def make(search: str):
         raw = {
             "overrides": {"trainer.storage_path": str(tmp_path)},
-            "search": {"method.weights.str": search},
+            "search": {"method.weights.structural": search},
             "sweep": {"name": "s"},
         }
         return build_spec(raw, "t.yaml")

@@ -11,7 +11,7 @@ from components.tuning import report
 from components.tuning.space import parse_distribution
 
 SEARCH = {
-    "method.weights.str": parse_distribution("s", "loguniform(0.1, 10)"),
+    "method.weights.structural": parse_distribution("s", "loguniform(0.1, 10)"),
     "method.dtiem.levels": parse_distribution("l", "choice([4, 8, 16])"),
 }
 ROWS = [
@@ -21,7 +21,7 @@ ROWS = [
         "best_miou": 0.30,
         "epochs": 1,
         "status": "stopped early",
-        "method.weights.str": 0.1,
+        "method.weights.structural": 0.1,
         "method.dtiem.levels": 4,
     },
     {
@@ -30,7 +30,7 @@ ROWS = [
         "best_miou": 0.50,
         "epochs": 2,
         "status": "done",
-        "method.weights.str": 10.0,
+        "method.weights.structural": 10.0,
         "method.dtiem.levels": 16,
     },
     {
@@ -39,7 +39,7 @@ ROWS = [
         "best_miou": None,
         "epochs": 0,
         "status": "error",
-        "method.weights.str": 1.0,
+        "method.weights.structural": 1.0,
         "method.dtiem.levels": 8,
     },
 ]

@@ -56,8 +56,8 @@ def test_parse_distribution(text, name, args):
     ],
 )
 def test_bad_distribution_named(text, needle):
-    with pytest.raises(ConfigError, match=r"search 'method\.weights\.str'") as e:
-        parse_distribution("method.weights.str", text)
+    with pytest.raises(ConfigError, match=r"search 'method\.weights\.structural'") as e:
+        parse_distribution("method.weights.structural", text)
     assert needle in str(e.value)
 
 
@@ -73,7 +73,7 @@ def test_edge_values_span_the_distribution():
 def test_spec_validates_and_builds_trial_configs():
     spec = spec_of(
         {
-            "method.weights.str": "loguniform(0.1, 10)",
+            "method.weights.structural": "loguniform(0.1, 10)",
             "method.dtiem.levels": "choice([4, 8, 16])",
             "method.dtiem.iterations": "choice([1, 2, 3, 5])",
         },
@@ -83,8 +83,8 @@ def test_spec_validates_and_builds_trial_configs():
     assert spec.base.trainer.epochs == 2 and spec.base.model.width == 0.125
     assert spec.base.optim.lr == 0.05  # a distill override on the command line
     assert spec.settings.num_samples == 7 and spec.settings.scheduler == "asha"
-    cfg = spec.trial_config({"method.weights.str": 2.5, "method.dtiem.levels": 8})
-    assert cfg.method.weights.str == 2.5 and cfg.method.dtiem.levels == 8
+    cfg = spec.trial_config({"method.weights.structural": 2.5, "method.dtiem.levels": 8})
+    assert cfg.method.weights["structural"] == 2.5 and cfg.method.dtiem.levels == 8
     assert cfg.trainer.epochs == 2  # the base is kept
     assert spec.base.method.dtiem.levels == 16  # and not modified
 
@@ -92,14 +92,22 @@ def test_spec_validates_and_builds_trial_configs():
 @pytest.mark.parametrize(
     ("search", "overrides", "needle"),
     [
-        ({"method.weights.strr": "uniform(0, 1)"}, {}, "did you mean 'method.weights.str'"),
+        (
+            {"method.weights.structurl": "uniform(0, 1)"},
+            {},
+            "did you mean 'method.weights.structural'",
+        ),
         ({"method.dtiem": "choice([4])"}, {}, "is a section"),
         ({"method.dtiem.levels": "choice([1, 4, 8])"}, {}, "can give 1"),
         ({"method.dtiem.levels": "randint(1, 8)"}, {}, "'method.dtiem.levels': must be >= 2"),
         ({"method.dtiem.levels": "loguniform(4, 128)"}, {}, "integer key"),
         ({"optim.lr": "uniform(-1, 1)"}, {}, "'optim.lr': must be > 0"),
         ({"method.cdm.directions": "choice([4, 6])"}, {}, "power of 2"),
-        ({"method.weights.str": "uniform(0, 1)"}, {"method.weights.str": 1.0}, "both searched"),
+        (
+            {"method.weights.structural": "uniform(0, 1)"},
+            {"method.weights.structural": 1.0},
+            "both searched",
+        ),
         ({"method.name": "choice(['kd', 'nope'])"}, {}, "'nope' not one of"),
         ({"trainer.epochs": "choice([1, 2])"}, {}, "cannot be searched"),
         ({"data.root": "choice(['a', 'b'])"}, {}, "cannot be searched"),
@@ -143,13 +151,13 @@ def test_sweep_file_on_disk_with_relative_distill_path(tmp_path):
     sweep.write_text(
         "distill: base.yaml\n"
         "overrides:\n  optim.lr: 0.01\n"
-        "search:\n  method.weights.sta: loguniform(0.1, 10)\n"
+        "search:\n  method.weights.statistical: loguniform(0.1, 10)\n"
         "sweep:\n  num_samples: 2\n  scheduler: fifo\n"
     )
     spec = load_sweep(str(sweep))
     assert spec.settings.name == "sweep"  # the file's name when sweep.name is not set
     assert spec.base.trainer.epochs == 3 and spec.base.optim.lr == 0.01
-    assert spec.settings.scheduler == "fifo" and spec.search["method.weights.sta"].log_scale
+    assert spec.settings.scheduler == "fifo" and spec.search["method.weights.statistical"].log_scale
     with pytest.raises(ConfigError, match="sweep file not found"):
         load_sweep(str(tmp_path / "missing.yaml"))
 
@@ -178,7 +186,7 @@ def test_embedded_default_and_shipped_sweeps_validate():
         ("configs/tune_sstkd_cityscapes.yaml", ["model.pretrained=null"]),
     ):
         spec = load_sweep(path, cli)
-        assert "method.weights.str" in spec.search and "method.dtiem.levels" in spec.search
+        assert "method.weights.structural" in spec.search and "method.dtiem.levels" in spec.search
 
 
 def test_identity_ignores_the_filled_in_teacher_but_not_the_space():
@@ -186,15 +194,17 @@ def test_identity_ignores_the_filled_in_teacher_but_not_the_space():
 
     from components.tuning.space import identity
 
-    spec = spec_of({"method.weights.str": "loguniform(0.1, 10)"})
+    spec = spec_of({"method.weights.structural": "loguniform(0.1, 10)"})
     before = identity(spec)
     spec.base = dataclasses.replace(
         spec.base, teacher=dataclasses.replace(spec.base.teacher, checkpoint="outputs/teacher-x")
     )
     assert identity(spec) == before  # tune.py sets the trained teacher after the first check
-    other = spec_of({"method.weights.str": "loguniform(0.1, 100)"})
+    other = spec_of({"method.weights.structural": "loguniform(0.1, 100)"})
     assert identity(other)["search"] != before["search"]
     assert (
-        identity(spec_of({"method.weights.str": "loguniform(0.1, 10)"}, {"optim.lr": 0.05}))["base"]
+        identity(spec_of({"method.weights.structural": "loguniform(0.1, 10)"}, {"optim.lr": 0.05}))[
+            "base"
+        ]
         != before["base"]
     )

@@ -18,7 +18,8 @@ from components.data.shards import (
 from components.data.transforms import decode_weak_batch
 from components.distillation.build import build_method
 from components.models.build import build_model
-from components.training.schedule import build_optimizer, poly_scheduler
+from components.training.core import train_step
+from components.training.schedule import Schedule, build_optimizer
 from components.weakly.diagnostics import diagnose, iter_rows
 
 K = 3
@@ -79,7 +80,7 @@ def test_cams_localise_after_a_short_run(squares):
 
     method = build_method(cfg, network, None, num_classes=K)
     optimizer = build_optimizer(method.trainable, cfg.optim)
-    scheduler = poly_scheduler(optimizer, steps, 1.0)
+    schedule = Schedule.of(optimizer, steps, cfg.optim)
 
     table = read_split_table(squares, "train", ["id", "image", "mask", "image_labels"]).to_pydict()
     rng = np.random.default_rng(1)
@@ -96,11 +97,9 @@ def test_cams_localise_after_a_short_run(squares):
             num_classes=K,
             seed=100 + step,
         )
-        terms = method.training_step({k: torch.from_numpy(v) for k, v in out.items() if k != "id"})
-        optimizer.zero_grad()
-        terms["loss"].backward()
-        optimizer.step()
-        scheduler.step()
+        schedule.apply(optimizer, step)
+        batch = {k: torch.from_numpy(v) for k, v in out.items() if k != "id"}
+        terms = train_step(method, batch, optimizer)
     assert {"seg", "aff", "scd"} <= set(terms)  # the last steps ran every term
 
     trained = diagnose(network, rows, K, weakly)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.config import Config, MethodConfig, MethodWeights, ModelConfig, WeaklyConfig
-from components.distillation.build import build_method, needs_teacher
+from components.config import Config, MethodConfig, ModelConfig, WeaklyConfig
+from components.distillation.build import build_method
 from components.models.build import build_model
+from components.regimes import WEAKLY
 from components.weakly.tscd import TSCD, balanced_seg_loss, to_unit_range
 
 K = 4  # background + 3 foreground classes
@@ -29,8 +30,9 @@ def _model() -> torch.nn.Module:
 def _method(warmup=0, **weights) -> TSCD:
     m = MethodConfig(
         name="tscd",
-        weights=MethodWeights(**weights),
-        weakly=WeaklyConfig(warmup_iters=warmup, refine_iterations=2, scd_points=64),
+        weakly=WeaklyConfig(
+            weights=weights, warmup_iters=warmup, refine_iterations=2, scd_points=64
+        ),
     )
     method = build_method(Config(method=m), _model(), None, num_classes=K)
     assert isinstance(method, TSCD)
@@ -61,10 +63,10 @@ def _step(method: TSCD, batch: dict, seed: int = 1):
 
 
 def test_no_teacher_and_needs_cls_head():
-    assert not needs_teacher("tscd")
+    assert not WEAKLY.needs_teacher("tscd")
     plain = build_model(ModelConfig(backbone="mit_b0", head="segformer", width=0.25), K)
     with pytest.raises(ValueError, match="cls_head"):
-        TSCD(plain, MethodConfig(name="tscd"))
+        TSCD(plain, MethodConfig(name="tscd"), WEAKLY.methods["tscd"])
 
 
 def test_warmup_is_classification_only_but_every_parameter_gets_a_gradient():
