@@ -16,7 +16,6 @@ import argparse
 import difflib
 import hashlib
 import json
-import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from components.renamed import RENAMED, rename_keys, rename_override
 from components.schema import (
     BACKBONES,
     HEADS,
@@ -78,63 +78,6 @@ def _suggest(key: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-# Keys renamed in 0.2 (names that explain themselves; each regime's weights in its own section).
-# The old names are still accepted in this release, with a warning naming the new key.
-RENAMED = {
-    "method.weights.pi": "method.weights.pixel_kd",
-    "method.weights.adv": "method.weights.adversarial",
-    "method.weights.str": "method.weights.structural",
-    "method.weights.sta": "method.weights.statistical",
-    "method.weights.cwd_feat": "method.weights.cwd_feature",
-    "method.weights.skd": "method.weights.pairwise",
-    "method.weights.critic": "method.adversarial.critic_weight",
-    **{
-        f"method.weights.{k}": f"method.semisup.weights.{k}" for k in ("unsup", "relation", "style")
-    },
-    **{f"method.weights.{k}": f"method.weakly.weights.{k}" for k in ("cls", "seg", "aff", "scd")},
-}
-
-
-def renamed_key(old: str, source: str | None) -> str:
-    new = RENAMED[old]
-    if source is not None:
-        print(
-            f"warning: {source}: '{old}' is deprecated and will be removed in the next "
-            f"release; use '{new}'",
-            file=sys.stderr,
-            flush=True,
-        )
-    return new
-
-
-def rename_keys(tree: dict, source: str | None = None) -> dict:
-    """A config tree (nested dicts) with every old key of RENAMED moved to its new place;
-    warns naming both unless `source` is None (a checkpoint's own metadata). An old weight left
-    at null (its method's published default) is dropped."""
-    moves = []
-    for old in RENAMED:
-        *parents, leaf = old.split(".")
-        node = tree
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node:
-            moves.append((old, node.pop(leaf)))
-    for old, value in moves:
-        if value is None:
-            continue
-        *parents, leaf = renamed_key(old, source).split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def _rename_override(item: str) -> str:
-    key, _, value = item.partition("=")
-    return f"{renamed_key(key, 'command line')}={value}" if key in RENAMED else item
-
-
 def open_weight_maps(cfg) -> None:
     """The loss-weight mappings take any key; each regime checks its own (`validate`)."""
     for section in (cfg.method, cfg.method.semisup, cfg.method.weakly):
@@ -174,7 +117,7 @@ def merge_config(
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-        item = _rename_override(item)
+        item = rename_override(item)
         key = item.split("=", 1)[0]
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))

@@ -264,13 +264,13 @@ SEMI_SUPERVISED = Regime(
 
 
 def _weak_datasets(cfg: Config, info, num_workers: int) -> tuple[dict, int]:
-    from components.data.ingest import build_weak_datasets, steps_per_epoch
+    from components.data.ingest import build_datasets, steps_per_epoch
 
     # Image-level labels only; the masks travel along for diagnostics.
     d = cfg.data
     rows = info.splits[d.train_split].rows * d.train_repeat
     steps = steps_per_epoch(info, d.train_split, d.batch_size, num_workers, rows)
-    return build_weak_datasets(d, info), steps
+    return build_datasets(d, info, weak=True), steps
 
 
 def _weak_method(

@@ -116,6 +116,17 @@ def _augment_rng(seed: int | None, ids) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32("\0".join(map(str, ids)).encode())])
 
 
+def _seeded_batch(
+    batch: dict[str, np.ndarray], seed: int | None, shuffle: bool
+) -> tuple[np.random.Generator, dict[str, np.ndarray]]:
+    """(the batch's generator, the batch with its rows permuted by it when `shuffle`)."""
+    rng = _augment_rng(seed, batch["id"])
+    if shuffle:
+        order = rng.permutation(len(batch["id"]))
+        batch = {k: v[order] for k, v in batch.items()}
+    return rng, batch
+
+
 def decode_train_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -135,10 +146,7 @@ def decode_train_batch(
     Output columns (B rows in, B rows out): see the module docstring; H = W = crop_size.
     `seed`: see the module docstring.
     """
-    rng = _augment_rng(seed, batch["id"])
-    if shuffle:
-        order = rng.permutation(len(batch["id"]))
-        batch = {k: v[order] for k, v in batch.items()}
+    rng, batch = _seeded_batch(batch, seed, shuffle)
     rows = _decode_rows(batch, num_classes, ignore_index)
     out = []
     for row_id, pair in rows:
@@ -196,10 +204,7 @@ def decode_unlabeled_batch(
     all ignore); only an undecodable image makes it invalid. `shuffle` as in `decode_train_batch`;
     `seed` (shared by the crop and the strong view): see the module docstring.
     """
-    rng = _augment_rng(seed, batch["id"])
-    if shuffle:
-        order = rng.permutation(len(batch["id"]))
-        batch = {k: v[order] for k, v in batch.items()}
+    rng, batch = _seeded_batch(batch, seed, shuffle)
     ids = [str(i) for i in batch["id"]]
     masks = batch.get("mask")
     n = len(ids)
@@ -276,10 +281,7 @@ def decode_weak_batch(
     outside 0..K-1; a bad optional mask only blanks the diagnostic mask. `shuffle` as in
     `decode_train_batch`; `seed`: see the module docstring.
     """
-    rng = _augment_rng(seed, batch["id"])
-    if shuffle:
-        order = rng.permutation(len(batch["id"]))
-        batch = {k: v[order] for k, v in batch.items()}
+    rng, batch = _seeded_batch(batch, seed, shuffle)
     ids = [str(i) for i in batch["id"]]
     masks = batch.get("mask")
     labels_column = batch.get("image_labels")

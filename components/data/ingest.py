@@ -87,18 +87,11 @@ def _encoded_rows(
     return ray.data.read_parquet(list_shards(root, split), shuffle=shuffle).select_columns(columns)
 
 
-def train_dataset(
-    data: DataConfig,
-    info: DatasetInfo,
-    split: str | None = None,
-    keep_ids: frozenset[str] | None = None,
-    repeat: int = 1,
-) -> ray.data.Dataset:
-    """Decoded, augmented training rows; `keep_ids` selects rows, `repeat` passes per epoch."""
-    split = split or data.train_split
-    cache = should_cache(data, shard_bytes(data.root, split))
-    decode = partial(
-        decode_train_batch,
+def _augmenting(decoder, data: DataConfig, info: DatasetInfo, **extra):
+    """A training decoder with the config's crop, scale range and flip; rows are permuted
+    inside each decode batch; the augmentation is drawn fresh (not replayed on resume)."""
+    return partial(
+        decoder,
         crop_size=data.crop_size,
         scale_range=(data.scale_min, data.scale_max),
         flip=data.flip,
@@ -106,43 +99,35 @@ def train_dataset(
         ignore_index=info.ignore_index,
         num_classes=info.num_classes,
         shuffle=True,
+        **extra,
     )
-    ds = _encoded_rows(data.root, split, data.shuffle_seed, cache)
+
+
+def _decoded(ds: ray.data.Dataset, decode) -> ray.data.Dataset:
+    return ds.map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy").drop_columns(
+        ["id"]
+    )
+
+
+def train_dataset(
+    data: DataConfig,
+    info: DatasetInfo,
+    split: str | None = None,
+    keep_ids: frozenset[str] | None = None,
+    repeat: int = 1,
+    weak: bool = False,
+) -> ray.data.Dataset:
+    """Decoded, augmented training rows; `keep_ids` selects rows, `repeat` passes per epoch.
+    `weak`: crops with their image-level labels (the `image_labels` column), `area` and a
+    diagnostic-only mask (`decode_weak_batch`), for weakly supervised runs."""
+    split = split or data.train_split
+    cache = should_cache(data, shard_bytes(data.root, split))
+    columns = [*READ_COLUMNS, "image_labels"] if weak else READ_COLUMNS
+    ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, columns)
     if keep_ids is not None:
         ds = ds.map_batches(partial(_select, ids=keep_ids, keep=True), batch_format="numpy")
-    ds = _repeat(ds, repeat)
-    return ds.map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy").drop_columns(
-        ["id"]
-    )
-
-
-def weak_train_dataset(data: DataConfig, info: DatasetInfo) -> ray.data.Dataset:
-    """Training rows of weakly supervised runs: crops with their image-level labels (the
-    `image_labels` column), `area` and a diagnostic-only mask (`decode_weak_batch`)."""
-    split = data.train_split
-    cache = should_cache(data, shard_bytes(data.root, split))
-    decode = partial(
-        decode_weak_batch,
-        crop_size=data.crop_size,
-        scale_range=(data.scale_min, data.scale_max),
-        flip=data.flip,
-        ignore_index=info.ignore_index,
-        num_classes=info.num_classes,
-        shuffle=True,
-    )
-    ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, [*READ_COLUMNS, "image_labels"])
-    ds = _repeat(ds, data.train_repeat)
-    return ds.map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy").drop_columns(
-        ["id"]
-    )
-
-
-def build_weak_datasets(data: DataConfig, info: DatasetInfo) -> dict[str, ray.data.Dataset]:
-    val_cache = should_cache(data, shard_bytes(data.root, data.val_split))
-    return {
-        "train": weak_train_dataset(data, info),
-        "val": eval_dataset(data.root, info, data.val_split, cache=val_cache),
-    }
+    decoder = decode_weak_batch if weak else decode_train_batch
+    return _decoded(_repeat(ds, repeat), _augmenting(decoder, data, info))
 
 
 def _select(batch: dict[str, np.ndarray], ids: frozenset[str], keep: bool) -> dict:
@@ -179,11 +164,12 @@ def eval_dataset(
 
 
 def build_datasets(
-    data: DataConfig, info: DatasetInfo, keep_ids: frozenset[str] | None = None
+    data: DataConfig, info: DatasetInfo, keep_ids: frozenset[str] | None = None, weak: bool = False
 ) -> dict[str, ray.data.Dataset]:
+    """{"train", "val"}: `train_dataset` (repeated `data.train_repeat` times) and the val split."""
     val_cache = should_cache(data, shard_bytes(data.root, data.val_split))
     return {
-        "train": train_dataset(data, info, keep_ids=keep_ids, repeat=data.train_repeat),
+        "train": train_dataset(data, info, keep_ids=keep_ids, repeat=data.train_repeat, weak=weak),
         "val": eval_dataset(data.root, info, data.val_split, cache=val_cache),
     }
 
@@ -305,21 +291,8 @@ def unlabeled_dataset(
             )
         )
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    decode = partial(
-        decode_unlabeled_batch,
-        crop_size=data.crop_size,
-        scale_range=(data.scale_min, data.scale_max),
-        flip=data.flip,
-        strong=tuple(semisup.strong),
-        ignore_index=info.ignore_index,
-        num_classes=info.num_classes,
-        shuffle=True,
-    )
-    return (
-        _repeat(ds, repeat)
-        .map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
-        .drop_columns(["id"])
-    )
+    decode = _augmenting(decode_unlabeled_batch, data, info, strong=tuple(semisup.strong))
+    return _decoded(_repeat(ds, repeat), decode)
 
 
 def build_semisup_datasets(

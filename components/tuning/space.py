@@ -29,7 +29,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from components.config import (
-    RENAMED,
     Config,
     ConfigError,
     _suggest,
@@ -37,10 +36,10 @@ from components.config import (
     known_keys,
     merge_config,
     open_weight_maps,
-    renamed_key,
     validate,
 )
 from components.regimes import REGIMES
+from components.renamed import RENAMED, renamed_key
 from components.training.storage import absolute_storage
 from components.tuning.distributions import DISTRIBUTIONS, Distribution, parse_distribution
 
