@@ -38,6 +38,7 @@ from components.data.ingest import labeled_selection
 from components.data.transforms import decode_train_batch, decode_unlabeled_batch
 from components.distillation.build import build_method
 from components.models.build import build_model
+from components.regimes import SEMI_SUPERVISED, regime_of
 from components.training.core import train_one_epoch
 from components.training.schedule import Schedule, build_optimizer
 
@@ -84,7 +85,7 @@ def _steps(cfg: Config, labeled: dict, unlabeled: dict, seed: int, k: int):
     """Training batches: labeled (image, mask, valid) and, for a semi-supervised method, the
     unlabeled stream's weak and strong views under `u_` keys."""
     lab = _batches(labeled, cfg, seed, decode_train_batch, seed=seed, num_classes=k)
-    semi = cfg.method.name != "none"
+    semi = regime_of(cfg.method.name) is SEMI_SUPERVISED
     unl = _batches(
         unlabeled, cfg, seed + 7, decode_unlabeled_batch, strong=cfg.method.semisup.strong,
         num_classes=k,

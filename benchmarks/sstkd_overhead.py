@@ -30,6 +30,8 @@ from components.distillation.contourlet import structural_texture_loss
 from components.distillation.term import Term
 from components.distillation.texture import statistical_texture_loss
 from components.models.build import build_model
+from components.training.core import train_step
+from components.training.schedule import build_optimizer
 
 
 def saved_bytes(fn) -> int:
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         method = build_method(cfg, student, teacher, num_classes=k).to(device)
         if label == "kd + adapter":
             stub_texture(method)
-        opt = torch.optim.SGD(method.trainable.parameters(), lr=0.01, momentum=0.9)
+        opt = build_optimizer(method.trainable, cfg.optim)
         methods[label] = (method, opt, cfg)
 
     g = torch.Generator().manual_seed(0)
@@ -106,10 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            terms = method.training_step(batch)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
+            train_step(method, batch, opt)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 peaks[label] = torch.cuda.max_memory_allocated()

@@ -35,6 +35,7 @@ from components.data.transforms import decode_eval_batch, decode_train_batch
 from components.distillation.build import build_method
 from components.metrics import miou
 from components.models.build import build_model
+from components.regimes import SUPERVISED
 from components.training.core import EpochStats, train_one_epoch
 from components.training.evaluation import predict_confusion
 from components.training.schedule import Schedule, build_optimizer
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = merge_config(None, [*args.overrides, *METHODS[name]])
         for seed in args.seeds:
             t0 = time.perf_counter()
-            run = train(cfg, data, args.iters, seed, None if name == "none" else teacher)
+            needed = SUPERVISED.needs_teacher(cfg.method.name)
+            run = train(cfg, data, args.iters, seed, teacher if needed else None)
             run.pop("model")
             run["seed"], run["wall_s"] = seed, time.perf_counter() - t0
             results.setdefault(name, []).append(run)

@@ -5,9 +5,10 @@ import Config` works).
     cfg = load_config(["--config", "configs/kd_synthetic.yaml", "trainer.num_workers=2"])
 
 `load_config` merges the YAML and the overrides onto the schema with OmegaConf (structured
-configs), so an unknown key or a value of the wrong type fails at once with the key named;
-`validate` then checks the values (ranges, choices, consistency with the dataset's
-`dataset.json`) before any work starts.
+configs), so an unknown key or a value of the wrong type fails at once with the key named (the
+loss-weight mappings take any key: the run's regime checks them in `validate`); `validate` then
+checks the values (ranges, choices, the regime's own checks, no key of another regime's
+section) before any work starts. Keys renamed in 0.2 are moved by `components.renamed`.
 """
 
 from __future__ import annotations

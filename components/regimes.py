@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from components.distillation.terms import LABEL_WEIGHTS, TERMS
@@ -50,7 +50,7 @@ class Regime:
     pipeline: str  # the entry script that runs it
     run_prefix: str  # run folders are named <prefix>-<method>-<backbone>-<hash>
     methods: Mapping[str, Mapping[str, float]]  # method -> its published loss weights
-    label_weights: tuple[str, ...]  # weights of the label terms (ce, aux) where there are any
+    label_weights: Mapping[str, float]  # the label terms' defaults (ce, aux) where there are any
     terms: Mapping[str, Any]  # the other terms (supervised: the live `terms.TERMS` table)
     weights_key: str  # where the weights mapping lives in the config
     sections: tuple[str, ...]  # the config keys only this regime's runs may set
@@ -58,7 +58,7 @@ class Regime:
     datasets: Callable[[Config, Any, int], tuple[dict, int]]
     method: Callable[..., Any]
     checks: Callable[[Config], None]
-    teacher_methods: frozenset[str] = field(default_factory=frozenset)
+    teacher: Callable[[str], bool] = lambda method: False
 
     @property
     def weight_keys(self) -> tuple[str, ...]:
@@ -68,11 +68,13 @@ class Regime:
     def needs_teacher(self, method: str) -> bool:
         """Whether `method` distils from a separately trained, frozen teacher (semi-supervised
         methods make their own, an EMA of the student; TSCD's network teaches itself)."""
-        return method in self.teacher_methods
+        return self.teacher(method)
 
     def weights(self, cfg: Config) -> dict[str, float]:
-        """The method's published weights, overridden and extended by the configured ones."""
-        return {**self.methods[cfg.method.name], **_get(cfg, self.weights_key)}
+        """The method's published weights, overridden and extended by the configured ones
+        (the label terms' defaults first, so a mapping that leaves them out keeps them)."""
+        configured = _get(cfg, self.weights_key)
+        return {**self.label_weights, **self.methods[cfg.method.name], **configured}
 
     def build_datasets(self, cfg: Config, info, num_workers: int) -> tuple[dict, int]:
         """({name: Ray dataset} with every stream's and "val", steps per epoch per worker)."""
@@ -169,7 +171,14 @@ def _supervised_method(
 
 
 def _supervised_checks(cfg: Config) -> None:
-    if SUPERVISED.weights(cfg).get("structural", 0) > 0:
+    weights = SUPERVISED.weights(cfg)
+    terms = [k for k, v in weights.items() if k not in LABEL_WEIGHTS and v > 0]
+    if terms and not SUPERVISED.needs_teacher(cfg.method.name):
+        raise ConfigError(
+            f"'method.weights.{terms[0]}': method '{cfg.method.name}' trains without a teacher, "
+            f"so it takes no distillation term (set method.name to one that has a teacher)"
+        )
+    if weights.get("structural", 0) > 0:
         from components.distillation.contourlet import max_levels
 
         crop = cfg.data.crop_size
@@ -197,7 +206,7 @@ SUPERVISED = Regime(
     pipeline="pipelines/distill.py",
     run_prefix="distill",
     methods=SUPERVISED_ROWS,
-    label_weights=tuple(LABEL_WEIGHTS),
+    label_weights=LABEL_WEIGHTS,
     terms=TERMS,
     weights_key="method.weights",
     sections=(
@@ -214,7 +223,7 @@ SUPERVISED = Regime(
     datasets=_supervised_datasets,
     method=_supervised_method,
     checks=_supervised_checks,
-    teacher_methods=frozenset(m for m in SUPERVISED_ROWS if m != "none"),
+    teacher=lambda method: bool(SUPERVISED_ROWS.get(method)),  # a row with terms
 )
 
 
@@ -248,7 +257,7 @@ SEMI_SUPERVISED = Regime(
         "fixmatch": {"unsup": 1.0},
         "cross_image": {"unsup": 1.0, "relation": 1.0, "style": 0.1},
     },
-    label_weights=("ce", "aux"),
+    label_weights=LABEL_WEIGHTS,
     terms=dict.fromkeys(("unsup", "relation", "style")),
     weights_key="method.semisup.weights",
     sections=("method.semisup",),
@@ -295,7 +304,7 @@ WEAKLY = Regime(
     pipeline="pipelines/wsss.py",
     run_prefix="wsss",
     methods={"tscd": {"cls": 1.0, "seg": 0.1, "aff": 0.1, "scd": 0.1}},
-    label_weights=(),
+    label_weights={},
     terms=dict.fromkeys(("cls", "seg", "aff", "scd")),
     weights_key="method.weakly.weights",
     sections=("method.weakly",),

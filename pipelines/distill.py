@@ -7,7 +7,7 @@
 With no teacher checkpoint configured (`teacher.checkpoint`), a teacher is trained first with
 `method: none` on the same data and cached under `trainer.storage_path`; later runs reuse it. Run
 names are derived from the config, so running the same command again resumes an interrupted run
-from its last checkpoint (full state: weights, optimizer, LR schedule, epoch, RNG, best mIoU).
+from its last checkpoint (full state: weights, optimizer, iteration, epoch, RNG, best mIoU).
 """
 
 from __future__ import annotations

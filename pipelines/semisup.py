@@ -43,13 +43,7 @@ def default_config():
             root="data/synthetic_semisup",
             synthetic=SyntheticConfig(num_train=64, num_unlabeled=448, num_val=64),
         ),
-        method=MethodConfig(
-            name="cross_image",
-            semisup=SemiSupConfig(
-                weights={"ce": 1.0, "aux": 0.4, "unsup": 1.0, "relation": 1.0, "style": 0.1},
-                ema_momentum=0.99,
-            ),
-        ),
+        method=MethodConfig(name="cross_image", semisup=SemiSupConfig(ema_momentum=0.99)),
         trainer=TrainerConfig(epochs=11),
     )
 
@@ -78,7 +72,15 @@ def comparison(cfg, labeled_rows: int, steps_per_epoch: int) -> list[tuple[str, 
         ),
         method=MethodConfig(name="none", weights={"ce": w["ce"], "aux": w["aux"]}),
     )
-    base = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="fixmatch"))
+    # The base: the same labeled terms and unsup, without the method's other terms.
+    ss = cfg.method.semisup
+    base_weights = {k: v for k, v in ss.weights.items() if k in ("ce", "aux", "unsup")}
+    base = dataclasses.replace(
+        cfg,
+        method=dataclasses.replace(
+            cfg.method, name="fixmatch", semisup=dataclasses.replace(ss, weights=base_weights)
+        ),
+    )
     runs = [("supervised only", sup), ("base (fixmatch)", base)]
     if cfg.method.name != "fixmatch":
         runs.append((f"base + {cfg.method.name}", cfg))
@@ -88,6 +90,7 @@ def comparison(cfg, labeled_rows: int, steps_per_epoch: int) -> list[tuple[str, 
 def execute(cfg, info, args) -> str:
     """The configured run, or (with --baselines, or the embedded default) the three compared."""
     from components.data.ingest import plan_semisup, semisup_steps
+    from components.regimes import SUPERVISED, regime_of
     from components.training.trainer import fit, run_name, storage_of
 
     plan = plan_semisup(cfg.data, info)
@@ -98,7 +101,7 @@ def execute(cfg, info, args) -> str:
         runs = comparison(cfg, plan.labeled_rows, steps)
     results = []
     for label, run_cfg in runs:
-        baseline = run_cfg.method.name == "none"
+        baseline = regime_of(run_cfg.method.name) is SUPERVISED
         name = run_name(run_cfg, prefix="semisup-supervised" if baseline else None)
         print(f"run: {label}: {name} (storage: {run_cfg.trainer.storage_path})", flush=True)
         outcome = fit(run_cfg, info, name)

@@ -5,6 +5,8 @@ import pytest
 from components.config import (
     Config,
     ConfigError,
+    MethodConfig,
+    SemiSupConfig,
     fingerprint,
     from_dict,
     load_config,
@@ -194,18 +196,34 @@ def test_old_key_names_still_work_for_one_release_and_name_the_new_key(tmp_path,
     assert cfg.method.weights["statistical"] == 0.0
     assert cfg.method.adversarial.critic_weight == 0.2
     old = tmp_path / "old.yaml"
-    old.write_text("method:\n  name: cross_image\n  weights: {ce: 1.0, unsup: 2.0, style: 0.0}\n")
+    old.write_text(
+        "method:\n  name: cross_image\n  weights: {ce: 0.5, aux: 0, unsup: 2.0, style: 0.0}\n"
+    )
     cfg = load_config(["--config", str(old)])
-    assert f"{old}: 'method.weights.unsup' is deprecated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{old}: key names of before 0.2" in err
+    assert "'method.weights.unsup' is now 'method.semisup.weights.unsup'" in err
+    assert "'method.weights.ce' is now 'method.semisup.weights.ce'" in err  # the run's regime
     assert SEMI_SUPERVISED.weights(cfg) == {
-        "unsup": 2.0, "relation": 1.0, "style": 0.0, "ce": 1.0, "aux": 0.4,
+        "ce": 0.5, "aux": 0.0, "unsup": 2.0, "relation": 1.0, "style": 0.0,
     }  # fmt: skip
+    # A whole old dump (every old weight, e.g. an old sweep's best.yaml) means what it meant:
+    # only the weights its method read are kept.
+    dump = tmp_path / "best.yaml"
+    dump.write_text(
+        "method:\n  name: kd\n  weights: {ce: 1.0, aux: 0.4, pi: null, adv: null, critic: 0.1,"
+        " cwd_feat: 50.0, cwd_logit: 3.0, skd: 10.0, batch_pixel: 1.0, unsup: 1.0, cls: 1.0,"
+        " str: 1.0, sta: 2.0}\n"
+    )
+    cfg = load_config(["--config", str(dump)])
+    assert "ignored as before by method 'kd'" in capsys.readouterr().err
+    assert SUPERVISED.weights(cfg) == {"ce": 1.0, "aux": 0.4, "pixel_kd": 1.0}
     # A checkpoint's own metadata (an older run's config) is read quietly.
     old_meta = to_dict(Config())
     old_meta["method"]["weights"] = {"ce": 1.0, "aux": 0.4, "pi": None, "str": 2.0, "cls": 1.0}
     restored = from_dict(old_meta)
     assert restored.method.weights == {"ce": 1.0, "aux": 0.4, "structural": 2.0}
-    assert restored.method.weakly.weights == {"cls": 1.0}
+    assert restored.method.weakly.weights == {}  # sstkd never read `cls`
     assert capsys.readouterr().err == ""
 
 
@@ -246,3 +264,16 @@ def test_teacher_run_name_depends_only_on_what_makes_the_teacher():
         "trainer.seed=1",
     ):
         assert teacher_name(teacher_side) != base, teacher_side
+
+
+def test_label_weights_default_when_a_mapping_leaves_them_out():
+    cfg = Config(method=MethodConfig(name="kd", weights={"pixel_kd": 2.0}))
+    assert SUPERVISED.weights(cfg) == {"ce": 1.0, "aux": 0.4, "pixel_kd": 2.0}
+    semi = Config(method=MethodConfig(name="fixmatch", semisup=SemiSupConfig(weights={})))
+    assert SEMI_SUPERVISED.weights(semi) == {"ce": 1.0, "aux": 0.4, "unsup": 1.0}
+
+
+def test_a_method_without_teacher_takes_no_distillation_term():
+    with pytest.raises(ConfigError, match=r"'method.weights.pixel_kd': method 'none' trains"):
+        load_config(["method.name=none", "method.weights.pixel_kd=1"])
+    load_config(["method.name=none", "method.weights.ce=0.5"])  # its own label weights are fine

@@ -75,7 +75,11 @@ class Distiller(MethodBase):
         self.autocast_dtype = autocast_dtype
         self.features = sorted({t.feature for t in self.terms.values() if t.feature is not None})
         adapters = self._adapters(student, self.teacher) if self.terms else {}
-        self.trainable: nn.Module = StudentWithAdapters(student, adapters) if adapters else student
+        # With a teacher, the student is wrapped even without adapters: checkpoints keep one
+        # key layout (`student.` ...) for every distillation method.
+        self.trainable: nn.Module = (
+            student if teacher is None else StudentWithAdapters(student, adapters)
+        )
         t_ch = getattr(teacher, "feature_channels", {})
         self.states: dict[str, object] = {}
         for term in self.terms.values():

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder with
   model.pt   the student's state_dict (what evaluation and a teacher need; small)
-  state.pt   the full training state: trainable weights, optimizer, LR schedule, method extras,
+  state.pt   the full training state: trainable weights, optimizer, method extras,
              progress (epoch, iteration, best metric) and every worker's RNG state
   meta.json  config, class names, metrics, and the size and SHA-256 of both .pt files
 Each file is written under a temporary name and renamed, meta.json last, so a folder without a

@@ -75,7 +75,8 @@ def train_one_epoch(
     """Up to `steps` steps, fewer if `batches` ends first (the caller checks `stats.steps`).
 
     Before each step the learning rate is set from `progress["iteration"]`, which then counts
-    the step. `on_step(iteration, terms)` runs after each step (logging)."""
+    the step; at the end it is the next step's. `on_step(iteration, terms)` runs after each step
+    (logging)."""
     method.trainable.train()
     stats = EpochStats()
     start = time.perf_counter()
@@ -102,5 +103,6 @@ def train_one_epoch(
             stats.reported[name] = stats.reported.get(name, 0) + 1
         if on_step is not None:
             on_step(progress["iteration"], terms)
+    schedule.apply(optimizer, progress["iteration"])  # the rate of the next step, as reported
     stats.train_s = time.perf_counter() - start
     return stats

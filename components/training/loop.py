@@ -327,7 +327,7 @@ def _step_logger(w: Worker, epoch: int):
     def log(iteration: int, terms: dict) -> None:
         if iteration % t.log_every == 0:
             shown = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in terms.items())
-            lr = w.optimizer.param_groups[0]["lr"]
+            lr = w.schedule.base_lrs[0] * w.schedule.factor(iteration)  # the next step's
             w.print0(f"epoch {epoch + 1}/{t.epochs} it {iteration}/{total} {shown} lr {lr:.2e}")
 
     return log
@@ -362,7 +362,9 @@ def train_loop_per_worker(config: dict) -> None:
             channels_last=w.device.type == "cuda" and t.channels_last,
             on_step=_step_logger(w, epoch),
         )
+        t_drain = time.perf_counter()
         streams.drain()
+        stats.train_s += time.perf_counter() - t_drain
         totals = _epoch_totals(w, stats)
         metrics, terms = _epoch_metrics(w, stats, totals, epoch)
         shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items())

@@ -110,7 +110,10 @@ def run_name(cfg: Config, prefix: str | None = None) -> str:
     key = dataclasses.replace(
         cfg,
         trainer=dataclasses.replace(Config().trainer, seed=cfg.trainer.seed),
-        data=dataclasses.replace(cfg.data, prefetch_batches=0),
+        # Speed knobs do not change what is trained.
+        data=dataclasses.replace(
+            cfg.data, prefetch_batches=0, val_batch_size=8, cache_encoded=None
+        ),
     )
     return f"{prefix}-{cfg.method.name}-{cfg.model.backbone}-{fingerprint(key)}"
 
@@ -240,7 +243,6 @@ def build_trainer(
         "ignore_index": info.ignore_index,
         "class_names": info.class_names,
         "steps_per_epoch": steps,
-        "unlabeled": "unlabeled" in datasets,
         "resume_folder": _resumable(cfg, name),
     }
     if teacher is not None:

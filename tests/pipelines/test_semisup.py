@@ -93,6 +93,7 @@ def test_two_workers_labeled_count_then_resume_with_the_same_ema_teacher(
 
 def test_comparison_runs_as_many_steps():
     """--baselines / the embedded default: supervised-only repeats the labeled rows per epoch."""
+    from components.regimes import SEMI_SUPERVISED
     from pipelines.semisup import comparison, default_config
 
     cfg = default_config()  # 64 labeled, 448 unlabeled, batch 8: 56 steps per epoch
@@ -103,6 +104,14 @@ def test_comparison_runs_as_many_steps():
     assert sup.trainer.epochs == cfg.trainer.epochs
     assert runs["base (fixmatch)"].method.name == "fixmatch"
     assert runs["base + cross_image"] is cfg
+    # The base trains the base's terms, even when the config spells the method's out.
+    spelled = dataclasses.replace(
+        cfg.method.semisup, weights={"ce": 1.0, "aux": 0.4, "unsup": 1.0, "relation": 2.0}
+    )
+    cfg2 = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, semisup=spelled))
+    base = dict(comparison(cfg2, 64, 56))["base (fixmatch)"]
+    assert SEMI_SUPERVISED.weights(base) == {"ce": 1.0, "aux": 0.4, "unsup": 1.0}
+    assert SEMI_SUPERVISED.weights(cfg2)["relation"] == 2.0
     only_base = comparison(
         dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="fixmatch")), 64, 56
     )

@@ -46,8 +46,8 @@ def test_optimizer_groups_and_kinds():
     assert {by_id[id(p)] for p in heads["params"]} == set(names) - backbone
     assert "net.classifier.weight" in {by_id[id(p)] for p in heads["params"]}
     # The schedule scales both groups alike: warm-up 2 iterations, then poly.
-    schedule = Schedule(schedule_base := [g["lr"] for g in opt.param_groups], 10, 1.0, 2)
-    assert schedule.base_lrs == schedule_base
+    schedule = Schedule.of(opt, 10, OptimConfig(poly_power=1.0, warmup_iters=2))
+    assert schedule.base_lrs == [6e-5, pytest.approx(6e-4)]  # from the groups' initial_lr
     schedule.apply(opt, 0)
     assert [g["lr"] for g in opt.param_groups] == [3e-5, pytest.approx(3e-4)]
     schedule.apply(opt, 1)
