@@ -88,7 +88,7 @@ def _steps(cfg: Config, labeled: dict, unlabeled: dict, seed: int, k: int):
     semi = regime_of(cfg.method.name) is SEMI_SUPERVISED
     unl = _batches(
         unlabeled, cfg, seed + 7, decode_unlabeled_batch, strong=cfg.method.semisup.strong,
-        num_classes=k,
+        num_classes=k, seed=seed + 7,
     )  # fmt: skip
     while True:
         part = next(lab)

@@ -60,8 +60,10 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tscd_synthetic.y
 
 
 def _batches(rows: dict, cfg: Config, num_classes: int, seed: int):
+    """Batches in a seeded order with seeded augmentation (a run is reproducible)."""
     d, rng = cfg.data, np.random.default_rng(seed)
     n = len(rows["id"])
+    epoch = 0
     while True:
         order = rng.permutation(n)
         for start in range(0, n - d.batch_size + 1, d.batch_size):
@@ -73,8 +75,10 @@ def _batches(rows: dict, cfg: Config, num_classes: int, seed: int):
                 scale_range=(d.scale_min, d.scale_max),
                 flip=d.flip,
                 num_classes=num_classes,
+                seed=seed * 100_003 + epoch,
             )
             yield {k: torch.from_numpy(v) for k, v in out.items() if k != "id"}
+        epoch += 1
 
 
 def _build(cfg: Config, k: int, iters: int):

@@ -219,14 +219,19 @@ class TrainerConfig:
     epochs: int = 7
     storage_path: str = "outputs"  # local path or URI (s3://, gs://); must be shared for multi-node
     name: str | None = None  # None: derived from the config, so the same command resumes
-    num_to_keep: int = 2
+    # Checkpoints kept by val mIoU (the best); the newest is always kept too, for resume.
+    num_to_keep: int = 1
     max_failures: int = 0  # worker-group restarts from the last checkpoint within one run
     # A cluster without an autoscaler that is too small for the run: seconds to wait for nodes to
     # join before failing with the numbers (an autoscaling cluster is checked against its maximum).
     resource_wait_s: float = 60.0
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     channels_last: bool = True  # on GPU
-    log_every: int = 10  # steps between logged step metrics
+    log_every: int = 10  # steps between step lines in console.log (TensorBoard gets every step)
+    # Ray's own output (Train's INFO logs, Ray Data's plans and progress bars); `--verbose`.
+    verbose: bool = False
+    image_every: int = 1  # epochs between TensorBoard image panels (the last always; 0: none)
+    panel_images: int = 4  # the first N val images shown in the panels
     seed: int = 0
 
 

@@ -32,6 +32,11 @@ def parse_args(
         epilog="Every key of components/schema.py can be set as key.sub=value.",
     )
     parser.add_argument("--config", help="YAML file in the schema of components/schema.py")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output too (Train's logs, Ray Data's plans and progress bars)",
+    )
     if add_arguments is not None:
         add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -55,7 +60,8 @@ def run_pipeline(
     args = parse_args(argv, doc, add_arguments)
     try:
         base = default_config() if default_config is not None and not args.config else None
-        cfg = merge_config(args.config, args.overrides, base)
+        overrides = [*args.overrides, *(["trainer.verbose=true"] if args.verbose else [])]
+        cfg = merge_config(args.config, overrides, base)
         own = regime_of(cfg.method.name)
         if own is not regime:
             raise ConfigError(
@@ -65,6 +71,7 @@ def run_pipeline(
         validate(cfg)
     except ConfigError as e:
         return fail(str(e))
+    quiet_environment(cfg.trainer.verbose)
 
     import ray.train
 
@@ -90,16 +97,28 @@ def run_pipeline(
     return 0
 
 
-def init_ray(dashboard: bool = False) -> None:
+def quiet_environment(verbose: bool) -> None:
+    """Ray's side of readable output, set before Ray starts. Ray Train's workers print every
+    `print` twice (their stdout, and again through its logger): its print patch is off. Without
+    --verbose, the lines workers send to the driver lose Ray's "(RayTrainWorker pid=...)"
+    prefix: what is left is ours."""
+    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # handed on to the workers by Ray Train
+    if not verbose:
+        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+        # Ray Data's "execution finished" lines; read by the processes of a local instance
+        # started from here (a cluster's own nodes keep their settings).
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+
+
+def init_ray(dashboard: bool = True) -> None:
     """Connect to the cluster of RAY_ADDRESS / the submitted job / a local `ray start`, or else
     start a local instance sized by Ray from this machine.
 
-    The local instance has no dashboard unless `dashboard` is set: on a laptop it only takes
-    CPU from training (start one with `ray start --head` to have it). Sweeps need it: Ray
-    Train's placement-group cleaner asks the dashboard's State API whether a run's controller
-    is still alive, and without an answer the workers' placement group of every trial that Tune
-    stops (ASHA, or at its last epoch) stays reserved until the sweep ends, so later trials wait
-    for ever for the CPUs it holds. A local dashboard listens on 127.0.0.1 only."""
+    The local instance has its dashboard (on 127.0.0.1 only): Ray Train's placement-group
+    cleaner asks the dashboard's State API whether a run's controller is still alive. Without an
+    answer it logs a warning every second for the whole run, and the workers' placement group of
+    every trial that Tune stops (ASHA, or at its last epoch) stays reserved until the sweep
+    ends, so later trials wait for ever for the CPUs it holds."""
     import ray
 
     if ray.is_initialized():

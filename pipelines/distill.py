@@ -54,7 +54,9 @@ def execute(cfg, info, args) -> str:
         ("student images/s", f"{m.get('images_per_s', float('nan')):.1f} (last epoch)"),
         ("data wait share", f"{100 * m.get('data_wait_share', float('nan')):.1f}% of step time"),
         ("run folder", join(storage_of(cfg), name)),
-        ("checkpoint", str(outcome.checkpoint_dir)),
+        ("checkpoint (newest)", str(outcome.checkpoint_dir)),
+        ("checkpoint (best)", join(storage_of(cfg), name, f"epoch_{m.get('best_epoch', 0):04d}")),
+        ("logs", "metrics.jsonl, console.log, tensorboard/ in the run folder"),
     ]
     return summary_table(rows)
 

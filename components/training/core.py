@@ -70,13 +70,13 @@ def train_one_epoch(
     steps: int,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
-    on_step: Callable[[int, dict[str, Tensor]], None] | None = None,
+    on_step: Callable[[int, dict[str, Tensor], float], None] | None = None,
 ) -> EpochStats:
     """Up to `steps` steps, fewer if `batches` ends first (the caller checks `stats.steps`).
 
     Before each step the learning rate is set from `progress["iteration"]`, which then counts
-    the step; at the end it is the next step's. `on_step(iteration, terms)` runs after each step
-    (logging)."""
+    the step; at the end it is the next step's. `on_step(iteration, terms, data_wait_s)` runs
+    after each step (logging)."""
     method.trainable.train()
     stats = EpochStats()
     start = time.perf_counter()
@@ -102,7 +102,7 @@ def train_one_epoch(
             stats.sums[name] = stats.sums.get(name, 0.0) + float(value.detach())
             stats.reported[name] = stats.reported.get(name, 0) + 1
         if on_step is not None:
-            on_step(progress["iteration"], terms)
+            on_step(progress["iteration"], terms, t_step - t_wait)
     schedule.apply(optimizer, progress["iteration"])  # the rate of the next step, as reported
     stats.train_s = time.perf_counter() - start
     return stats

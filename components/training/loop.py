@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -35,6 +36,7 @@ from components.training.checkpoint import (
 )
 from components.training.core import EpochStats, train_one_epoch
 from components.training.evaluation import predict_confusion
+from components.training.runlog import RunLog, panel, to_rgb
 from components.training.schedule import Schedule, build_optimizer
 
 
@@ -79,9 +81,12 @@ class Worker:
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     progress: dict
+    log: RunLog | None = None  # rank 0's record in the run folder
 
     def print0(self, msg: str) -> None:
-        if self.rank == 0:
+        if self.log is not None:
+            self.log.line(msg)  # console.log, and stdout
+        elif self.rank == 0:
             print(msg, flush=True)
 
 
@@ -134,7 +139,7 @@ def _setup(config: dict) -> Worker:
     )  # fmt: skip
 
 
-def _resume(w: Worker) -> None:
+def _resume(w: Worker) -> str | None:
     """The newest full state: Ray's checkpoint, or a complete checkpoint folder Ray had not
     registered when the driver was killed between its upload and Ray's bookkeeping (`fit`
     found it). The schedule needs nothing: the iteration sets the learning rate."""
@@ -150,7 +155,7 @@ def _resume(w: Worker) -> None:
         state, _ = load_full_state(found)
         source = f" ({found}, which Ray had not registered)"
     if state is None:
-        return
+        return None
     w.method.trainable.load_state_dict(state["trainable"])
     w.optimizer.load_state_dict(state["optimizer"])
     w.method.load_extra_state(state.get("method", {}))
@@ -159,7 +164,7 @@ def _resume(w: Worker) -> None:
     if w.rank < len(rngs):
         set_rng_state(rngs[w.rank])
     p = w.progress
-    w.print0(f"resumed from checkpoint: epoch {p['epoch']}, iteration {p['iteration']}{source}")
+    return f"resumed from checkpoint: epoch {p['epoch']}, iteration {p['iteration']}{source}"
 
 
 class Streams:
@@ -260,11 +265,12 @@ def _epoch_totals(w: Worker, stats: EpochStats) -> dict:
 
 
 def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tuple[dict, dict]:
-    """Evaluate, update the best mIoU; (what the epoch reports, the terms' means)."""
+    """Evaluate, update the best mIoU; (what the epoch reports, the terms' means). Rank 0 logs
+    the evaluation (per-class IoU, image panels) in the run folder."""
     t_eval = time.perf_counter()
     confusion = evaluate(w, w.method.eval_model())
     eval_s = time.perf_counter() - t_eval
-    mean_iou, _ = miou(confusion)
+    mean_iou, per_class = miou(confusion)
     terms = _mean_terms(stats.sums, stats.reported, w.world)
     p = w.progress
     p["epoch"] = epoch + 1
@@ -285,11 +291,56 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
         "bad_rows": totals["bad_rows"],
         "world_size": w.world,
     }
+    if w.log is not None:
+        names = w.config.get("class_names") or [str(k) for k in range(len(per_class))]
+        every, epochs = w.cfg.trainer.image_every, w.cfg.trainer.epochs
+        show = every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
+        w.log.evaluation(
+            p["iteration"],
+            metrics,
+            dict(zip(names, per_class.tolist())),
+            _panels(w) if show else None,
+        )
     return metrics, terms
 
 
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    logits = model(images)["logits"].float()
+    model.train(was_training)
+    logits = torch.nn.functional.interpolate(
+        logits, size=images.shape[-2:], mode="bilinear", align_corners=False
+    )
+    return logits.argmax(1).cpu().numpy()
+
+
+def _panels(w: Worker) -> dict[str, np.ndarray]:
+    """Image | ground truth | student | teacher of the fixed val images (rank 0 only)."""
+    rows = w.config.get("panel_rows")
+    if rows is None:
+        return {}
+    if isinstance(rows, ray.ObjectRef):
+        rows = w.config["panel_rows"] = ray.get(rows)
+    images = torch.from_numpy(rows["image"]).to(w.device)
+    maps = [rows["mask"], _predict(w.method.eval_model(), images)]
+    if w.teacher is not None:
+        maps.append(_predict(w.teacher, images))
+    palette, ignore = w.config["palette"], w.config["ignore_index"]
+    return {
+        str(row_id): panel(to_rgb(rows["image"][i]), [m[i] for m in maps], palette, ignore)
+        for i, row_id in enumerate(rows["id"])
+        if rows["valid"][i]
+    }
+
+
 def _report(w: Worker, metrics: dict, epoch: int) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint with the full state."""
+    """Every worker reports; rank 0 attaches the checkpoint with the full state (and writes the
+    row to metrics.jsonl first)."""
+    if w.log is not None:
+        w.log.row(metrics)
+        w.log.sync()
     rngs: list = [None] * w.world
     if _distributed():
         dist.all_gather_object(rngs, rng_state())
@@ -324,11 +375,15 @@ def _step_logger(w: Worker, epoch: int):
     t = w.cfg.trainer
     total = w.schedule.total_iters
 
-    def log(iteration: int, terms: dict) -> None:
+    def log(iteration: int, terms: dict, wait_s: float) -> None:
+        if w.log is None:
+            return
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        lr = w.schedule.base_lrs[0] * w.schedule.factor(iteration - 1)  # this step's rate
+        w.log.step(iteration, values, lr, wait_s)
         if iteration % t.log_every == 0:
-            shown = " ".join(f"{k} {float(v.detach()):.4f}" for k, v in terms.items())
-            lr = w.schedule.base_lrs[0] * w.schedule.factor(iteration)  # the next step's
-            w.print0(f"epoch {epoch + 1}/{t.epochs} it {iteration}/{total} {shown} lr {lr:.2e}")
+            shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+            w.log.line(f"epoch {epoch + 1}/{t.epochs} it {iteration}/{total} {shown} lr {lr:.2e}")
 
     return log
 
@@ -338,7 +393,21 @@ def train_loop_per_worker(config: dict) -> None:
     cfg (dict), num_classes, ignore_index, class_names, steps_per_epoch, and optionally
     teacher_state (an ObjectRef to a state_dict) with teacher_model (a ModelConfig dict)."""
     w = _setup(config)
-    _resume(w)
+    resumed = _resume(w)
+    if w.rank == 0 and config.get("run_folder"):
+        w.log = RunLog(config["run_folder"], resume_iteration=w.progress["iteration"])
+    if resumed:
+        w.print0(resumed)
+    try:
+        _train(w)
+    finally:
+        if w.log is not None:
+            w.log.close()
+
+
+def _train(w: Worker) -> None:
+    """The epochs of a set-up (and resumed) worker."""
+    config = w.config
     if w.world > 1:
         on_gpu = w.device.type == "cuda"
         w.method.trainable = nn.parallel.DistributedDataParallel(

@@ -236,6 +236,7 @@ def build_trainer(
     callbacks: list | None = None,
 ):
     request = _request(cfg)
+    quiet_ray_data(not cfg.trainer.verbose)  # before the datasets copy the context
     datasets, steps = regime_of(cfg.method.name).build_datasets(cfg, info, request.num_workers)
     loop_config = {
         "cfg": to_dict(cfg),
@@ -244,6 +245,9 @@ def build_trainer(
         "class_names": info.class_names,
         "steps_per_epoch": steps,
         "resume_folder": _resumable(cfg, name),
+        "run_folder": join(storage_of(cfg), name),
+        "palette": info.palette,
+        "panel_rows": ray.put(panel_rows(cfg, info)) if cfg.trainer.image_every else None,
     }
     if teacher is not None:
         loop_config["teacher_state"] = ray.put(teacher.state)
@@ -259,13 +263,54 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_of(cfg),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.num_to_keep),
+            # The best by val mIoU; Ray keeps the newest as well (for resume).
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.trainer.num_to_keep,
+                checkpoint_score_attribute="miou",
+                checkpoint_score_order="max",
+            ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=callbacks,
+            # Train's own INFO lines (resources, worker group, every report) with --verbose.
+            logging_config=ray.train.LoggingConfig(
+                log_level="INFO" if cfg.trainer.verbose else "WARNING"
+            ),
         ),
         datasets=datasets,
         dataset_config=SegDataConfig(),
     )
+
+
+def quiet_ray_data(quiet: bool) -> None:
+    """Ray Data's execution plans and progress bars off (on with --verbose). Each dataset keeps
+    a copy of the context it was made in, so this runs before the datasets are built."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.print_on_execution_start = not quiet
+
+
+def panel_rows(cfg: Config, info: DatasetInfo) -> dict:
+    """The first `trainer.panel_images` val rows, decoded (the images of TensorBoard's panels)."""
+    import numpy as np
+
+    from components.data.shards import read_split_table
+    from components.data.transforms import decode_eval_batch
+
+    n = cfg.trainer.panel_images
+    split = cfg.data.val_split
+    table = read_split_table(cfg.data.root, split, ["id", "image", "mask"]).slice(0, n)
+    rows = {k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}
+    s = info.splits[split]
+    out = decode_eval_batch(
+        rows,
+        pad_height=s.max_height,
+        pad_width=s.max_width,
+        ignore_index=info.ignore_index,
+        num_classes=info.num_classes,
+    )
+    return {k: out[k] for k in ("id", "image", "mask", "valid")}
 
 
 def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = None) -> Outcome:

@@ -119,6 +119,25 @@ def test_resume_continues_with_full_state(ray_session, tiny_data, tiny_overrides
     counts = [int(s["method"]["memory_bank"]["region_count"].sum()) for s in (first, second)]
     assert 0 < counts[0] < counts[1]
 
+    # The run folder's record continues across the resume: every step once in TensorBoard,
+    # one metrics.jsonl row per epoch, the image panels of the val images.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 25))
+    assert [e.step for e in events.Scalars("val/miou")] == [12, 24]
+    assert {"train/memory_pixel", "train/adversarial", "val/teacher_miou"} <= set(
+        events.Tags()["scalars"]
+    )
+    panels = [t for t in events.Tags()["images"] if t.startswith("val_images/")]
+    assert len(panels) == 4  # trainer.panel_images, image | truth | student | teacher
+    image = events.Images(panels[0])[-1]
+    assert image.width == 4 * 32 + 3 * 2 and image.height == 32
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [12, 24]
+    assert "resumed from checkpoint" in (run / "console.log").read_text()
+
 
 def test_unknown_key_fails_before_work(tmp_path, capsys):
     assert distill.main(["trainer.epochz=3"]) == 2

@@ -1,0 +1,176 @@
+"""A run's own record in its run folder, written by rank 0 (no Ray here).
+
+    log = RunLog("outputs/distill-sstkd-...", resume_iteration=0)
+    log.step(iteration, {"loss": 0.9, "ce": 0.7}, lr=0.02, data_wait_s=0.01)
+    log.evaluation(iteration, {"miou": 0.31, ...}, {"background": 0.7, ...}, panels)
+    log.row(metrics)         # one line of metrics.jsonl per reported epoch
+    log.line("epoch 1/7: val mIoU 31.20 ...")   # console.log (and stdout)
+
+- `tensorboard/`: TensorBoard event files (tensorboardX's writer): per step `train/<term>`,
+  `train/lr`, `train/data_wait_s`; per evaluation `val/miou`, `val/pixel_acc`,
+  `val/iou/<class>`, `val/images_per_s`, and image panels `val_images/<id>` (image | ground
+  truth | student | teacher ...). `tensorboard --logdir outputs/` shows every run.
+- `metrics.jsonl`: every reported row, appended across resumes.
+- `console.log`: rank 0's lines, appended across resumes.
+
+A resumed run continues the same curves: the writer purges events past the resumed iteration
+and `metrics.jsonl` drops rows past it, so a step written after the last checkpoint by a run that
+then died is not there twice. On URI storage (s3://, gs://) the files are written in a local
+staging folder and copied to the run folder after every epoch (`sync`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from components.training.storage import is_uri
+
+LOG_FILES = ("metrics.jsonl", "console.log")
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """A normalised (3,H,W) float image (data/augment.normalize) -> (H,W,3) uint8 RGB."""
+    from components.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    rgb = image.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def colour(labels: np.ndarray, palette: list[list[int]], ignore_index: int = 255) -> np.ndarray:
+    """(H,W) class ids -> (H,W,3) uint8 in the dataset's palette; ignore is black."""
+    table = np.zeros((256, 3), np.uint8)
+    table[: len(palette)] = np.asarray(palette, np.uint8)
+    table[ignore_index] = 0
+    return table[np.clip(labels, 0, 255).astype(np.uint8)]
+
+
+def panel(image: np.ndarray, maps: list[np.ndarray], palette, ignore_index: int = 255):
+    """One row for TensorBoard: the RGB image (H,W,3) uint8 and each label map (H,W) in the
+    palette, side by side with a 2 px white gap: (H, (1+n)W + 2n, 3) uint8."""
+    gap = np.full((image.shape[0], 2, 3), 255, np.uint8)
+    parts = [image]
+    for m in maps:
+        parts += [gap, colour(m, palette, ignore_index)]
+    return np.concatenate(parts, axis=1)
+
+
+class RunLog:
+    """The event files, metrics.jsonl and console.log of one run (module docstring)."""
+
+    def __init__(self, run_folder: str, resume_iteration: int = 0, echo: bool = True):
+        from tensorboardX import SummaryWriter
+
+        self.target = run_folder
+        self.echo = echo
+        if is_uri(run_folder):
+            self._staging = tempfile.TemporaryDirectory(prefix="segdistill-runlog-")
+            self.folder = Path(self._staging.name)
+            _download_logs(run_folder, self.folder)
+        else:
+            self._staging = None
+            self.folder = Path(run_folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _truncate_rows(self.folder / "metrics.jsonl", resume_iteration)
+        # Steps up to the checkpoint's iteration are kept; later ones were written by a run that
+        # died after it, and the resumed run writes them again.
+        purge = resume_iteration + 1 if resume_iteration > 0 else None
+        # One event file per start (its name would otherwise repeat within a second, and the
+        # writer would overwrite the earlier file).
+        self.writer = SummaryWriter(
+            str(self.folder / "tensorboard"),
+            purge_step=purge,
+            flush_secs=30,
+            filename_suffix=f".{os.getpid()}.{resume_iteration}",
+        )
+
+    def step(self, iteration: int, terms: dict[str, float], lr: float, data_wait_s: float):
+        for name, value in terms.items():
+            self.writer.add_scalar(f"train/{name}", value, iteration)
+        self.writer.add_scalar("train/lr", lr, iteration)
+        self.writer.add_scalar("train/data_wait_s", data_wait_s, iteration)
+
+    def evaluation(
+        self,
+        iteration: int,
+        metrics: dict[str, float],
+        per_class: dict[str, float],
+        panels: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        for key in ("miou", "pixel_acc", "images_per_s", "teacher_miou"):
+            if key in metrics:
+                self.writer.add_scalar(f"val/{key}", metrics[key], iteration)
+        for name, value in per_class.items():
+            if not math.isnan(value):
+                self.writer.add_scalar(f"val/iou/{name}", value, iteration)
+        for name, image in (panels or {}).items():
+            self.writer.add_image(f"val_images/{name}", image, iteration, dataformats="HWC")
+        self.writer.flush()
+
+    def row(self, metrics: dict) -> None:
+        with open(self.folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics, default=float) + "\n")
+
+    def line(self, text: str) -> None:
+        with open(self.folder / "console.log", "a") as f:
+            f.write(text + "\n")
+        if self.echo:
+            print(text, flush=True)
+
+    def sync(self) -> None:
+        """Flush; on URI storage copy the files to the run folder."""
+        self.writer.flush()
+        if self._staging is not None:
+            _upload_logs(self.folder, self.target)
+
+    def close(self) -> None:
+        self.sync()
+        self.writer.close()
+        if self._staging is not None:
+            self._staging.cleanup()
+
+
+def _truncate_rows(path: Path, resume_iteration: int) -> None:
+    """Keep the rows up to the resumed iteration (none on a fresh start)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line half-written when the run died
+        if row.get("iteration", 0) <= resume_iteration:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+def _download_logs(uri: str, local: Path) -> None:
+    """The log files a run on URI storage already has (a resumed run appends to them)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
+    for info in fs.get_file_info(selector):
+        rel = info.path[len(root) :].lstrip("/")
+        if info.type == pafs.FileType.File and (rel in LOG_FILES or rel.startswith("tensorboard/")):
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src:
+                (local / rel).write_bytes(src.read())
+
+
+def _upload_logs(local: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    for path in local.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(local).as_posix()
+            fs.create_dir(f"{root}/{Path(rel).parent.as_posix()}".rstrip("/."), recursive=True)
+            with fs.open_output_stream(f"{root}/{rel}") as out:
+                out.write(path.read_bytes())
