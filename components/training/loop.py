@@ -35,30 +35,14 @@ from components.training.checkpoint import (
     set_rng_state,
 )
 from components.training.core import EpochStats, train_one_epoch
+from components.training.distributed import all_reduce_sum, distributed, mean_terms
 from components.training.evaluation import predict_confusion
-from components.training.runlog import RunLog, panel, to_rgb
+from components.training.runlog import RunLog, val_panels
 from components.training.schedule import Schedule, build_optimizer
 
 
 class BadDataError(RuntimeError):
     """Too many rows failed to decode or validate."""
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum across workers, in place. NCCL only reduces CUDA tensors, so a CPU tensor (step
-    counts, loss sums) makes the round trip through the worker's GPU."""
-    if _distributed():
-        if dist.get_backend() == "nccl" and t.device.type != "cuda":
-            on_gpu = t.to(ray.train.torch.get_device())
-            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
-            t.copy_(on_gpu.cpu())
-        else:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def _dtypes(columns: dict[str, str]) -> dict[str, torch.dtype]:
@@ -219,30 +203,12 @@ def evaluate(w: Worker, model: nn.Module) -> torch.Tensor:
     )
     num_classes, ignore_index = w.config["num_classes"], w.config["ignore_index"]
     confusion = predict_confusion(model, batches, num_classes, ignore_index, w.amp_dtype)
-    return _all_reduce_sum(confusion.to(w.device)).cpu()
-
-
-def _mean_terms(sums: dict[str, float], reported: dict[str, int], world: int) -> dict:
-    """Each term's mean over the steps (of all workers) that reported it. A diagnostic that only
-    some steps give (e.g. `pseudo_acc`) is averaged over those; the names are gathered first, so
-    workers whose sets differ still all-reduce the same vector."""
-    names = sorted(sums)
-    if _distributed():
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, names)
-        names = sorted(set().union(*gathered))
-    if not names:
-        return {}
-    table = torch.tensor(
-        [[sums.get(k, 0.0), float(reported.get(k, 0))] for k in names], dtype=torch.float64
-    )
-    table = _all_reduce_sum(table)
-    return {k: float(total) / max(1.0, float(n)) for k, (total, n) in zip(names, table.tolist())}
+    return all_reduce_sum(confusion.to(w.device)).cpu()
 
 
 def _epoch_totals(w: Worker, stats: EpochStats) -> dict:
     """The epoch's counts summed over workers; fails on uneven steps or too many bad rows."""
-    counts = _all_reduce_sum(
+    counts = all_reduce_sum(
         torch.tensor(
             [stats.steps, stats.bad_rows, stats.seen_rows, stats.wait_s, stats.train_s],
             dtype=torch.float64,
@@ -271,7 +237,7 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
     confusion = evaluate(w, w.method.eval_model())
     eval_s = time.perf_counter() - t_eval
     mean_iou, per_class = miou(confusion)
-    terms = _mean_terms(stats.sums, stats.reported, w.world)
+    terms = mean_terms(stats.sums, stats.reported, w.world)
     p = w.progress
     p["epoch"] = epoch + 1
     if mean_iou > p["best_miou"]:
@@ -304,18 +270,6 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
     return metrics, terms
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, images: torch.Tensor) -> np.ndarray:
-    was_training = model.training
-    model.eval()
-    logits = model(images)["logits"].float()
-    model.train(was_training)
-    logits = torch.nn.functional.interpolate(
-        logits, size=images.shape[-2:], mode="bilinear", align_corners=False
-    )
-    return logits.argmax(1).cpu().numpy()
-
-
 def _panels(w: Worker) -> dict[str, np.ndarray]:
     """Image | ground truth | student | teacher of the fixed val images (rank 0 only)."""
     rows = w.config.get("panel_rows")
@@ -323,16 +277,8 @@ def _panels(w: Worker) -> dict[str, np.ndarray]:
         return {}
     if isinstance(rows, ray.ObjectRef):
         rows = w.config["panel_rows"] = ray.get(rows)
-    images = torch.from_numpy(rows["image"]).to(w.device)
-    maps = [rows["mask"], _predict(w.method.eval_model(), images)]
-    if w.teacher is not None:
-        maps.append(_predict(w.teacher, images))
-    palette, ignore = w.config["palette"], w.config["ignore_index"]
-    return {
-        str(row_id): panel(to_rgb(rows["image"][i]), [m[i] for m in maps], palette, ignore)
-        for i, row_id in enumerate(rows["id"])
-        if rows["valid"][i]
-    }
+    models = [w.method.eval_model(), *([w.teacher] if w.teacher is not None else [])]
+    return val_panels(models, rows, w.config["palette"], w.config["ignore_index"], w.device)
 
 
 def _report(w: Worker, metrics: dict, epoch: int) -> None:
@@ -342,7 +288,7 @@ def _report(w: Worker, metrics: dict, epoch: int) -> None:
         w.log.row(metrics)
         w.log.sync()
     rngs: list = [None] * w.world
-    if _distributed():
+    if distributed():
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]

@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from components.training.storage import is_uri
 
@@ -174,3 +176,27 @@ def _upload_logs(local: Path, uri: str) -> None:
             fs.create_dir(f"{root}/{Path(rel).parent.as_posix()}".rstrip("/."), recursive=True)
             with fs.open_output_stream(f"{root}/{rel}") as out:
                 out.write(path.read_bytes())
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    logits = model(images)["logits"].float()
+    model.train(was_training)
+    logits = torch.nn.functional.interpolate(
+        logits, size=images.shape[-2:], mode="bilinear", align_corners=False
+    )
+    return logits.argmax(1).cpu().numpy()
+
+
+def val_panels(models: list, rows: dict, palette, ignore_index: int, device) -> dict:
+    """{row id: image | ground truth | each model's prediction} of decoded val rows (`id`,
+    `image` normalised (N,3,H,W), `mask`, `valid`), for TensorBoard."""
+    images = torch.from_numpy(rows["image"]).to(device)
+    maps = [rows["mask"], *(predict_labels(m, images) for m in models)]
+    return {
+        str(row_id): panel(to_rgb(rows["image"][i]), [m[i] for m in maps], palette, ignore_index)
+        for i, row_id in enumerate(rows["id"])
+        if rows["valid"][i]
+    }

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.training.loop import Streams, _mean_terms
+from components.training.distributed import mean_terms
+from components.training.loop import Streams
 
 
 def test_terms_are_averaged_over_the_steps_that_reported_them():
     # `loss` in all 4 steps, `pseudo_acc` (a diagnostic) only in 2 of them.
     sums = {"loss": 4.0 + 3.0 + 2.0 + 1.0, "pseudo_acc": 0.5 + 0.7}
     reported = {"loss": 4, "pseudo_acc": 2}
-    means = _mean_terms(sums, reported, world=1)
+    means = mean_terms(sums, reported, world=1)
     assert means == pytest.approx({"loss": 2.5, "pseudo_acc": 0.6})
-    assert _mean_terms({}, {}, world=1) == {}
+    assert mean_terms({}, {}, world=1) == {}
 
 
 def test_next_batch_prefixes_the_second_stream_and_stops_with_either():

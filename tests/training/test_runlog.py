@@ -89,3 +89,30 @@ def test_panels_are_the_image_and_the_maps_in_the_palette():
 
     rgb = np.arange(2 * 3 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3, 3) * 4
     np.testing.assert_array_equal(to_rgb(normalize(rgb)[1]), rgb[1])
+
+
+def test_val_panels_show_truth_and_each_models_prediction():
+    import torch
+
+    from components.config import ModelConfig
+    from components.models.build import build_model
+    from components.training.runlog import predict_labels, val_panels
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=0.125), 3)
+    rng = np.random.default_rng(0)
+    rows = {
+        "id": np.array(["a", "b"], dtype=object),
+        "image": rng.standard_normal((2, 3, 32, 32)).astype(np.float32),
+        "mask": rng.integers(0, 3, (2, 32, 32)),
+        "valid": np.array([True, False]),
+    }
+    palette = [[0, 0, 0], [255, 0, 0], [0, 255, 0]]
+    panels = val_panels([model, model], rows, palette, 255, torch.device("cpu"))
+    assert list(panels) == ["a"]  # the undecodable row is left out
+    row = panels["a"]
+    assert row.shape == (32, 4 * 32 + 3 * 2, 3)
+    np.testing.assert_array_equal(row[:, 34:66], colour(rows["mask"][0], palette))
+    pred = predict_labels(model, torch.from_numpy(rows["image"]))[0]
+    np.testing.assert_array_equal(row[:, 68:100], colour(pred, palette))
+    assert model.training  # put back in the mode it was in
