@@ -32,7 +32,6 @@ import ray.data
 from ray.data import FileShuffleConfig, RandomSeedConfig
 from ray.train import DataConfig as RayDataConfig
 
-from components.config import DataConfig, SemiSupConfig
 from components.data.shards import (
     DatasetError,
     DatasetInfo,
@@ -47,6 +46,7 @@ from components.data.transforms import (
     decode_unlabeled_batch,
     decode_weak_batch,
 )
+from components.schema import DataConfig, SemiSupConfig
 
 READ_COLUMNS = ["id", "image", "mask"]
 # Rows decoded per Ray Data task call; also the window of the in-batch row shuffle.

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import os
 import random
-from typing import TYPE_CHECKING
 
 from components.data.shards import DatasetError
 
-if TYPE_CHECKING:
-    from components.data.convert import Item
 
-
-def labeled_subset(items: list[Item], labeled: str, seed: int) -> tuple[list[Item], list[Item]]:
+def labeled_subset(items: list, labeled: str, seed: int) -> tuple[list, list]:
     """(labeled, unlabeled) from `--labeled`: a count (a seeded random choice) or a list file
-    with one id (or file name) per line."""
+    with one id (or file name) per line. `items`: the split's `convert.Item`s (`.id`,
+    `.image`), in order."""
     if labeled.isdigit():
         count = int(labeled)
         if not 0 < count <= len(items):

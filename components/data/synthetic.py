@@ -30,7 +30,6 @@ from pyarrow.fs import FileType
 from scipy.ndimage import gaussian_filter
 from skimage.draw import ellipse, polygon
 
-from components.config import SyntheticConfig
 from components.data.shards import (
     MANIFEST,
     DatasetError,
@@ -40,6 +39,7 @@ from components.data.shards import (
     mask_labels,
     resolve_fs,
 )
+from components.schema import SyntheticConfig
 
 log = logging.getLogger("segdistill.data")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from components.config import MethodConfig
 from components.distillation.protocol import MethodBase, supervised_terms, unwrap
 from components.distillation.term import StepView, Term
+from components.schema import MethodConfig
 
 
 def conv_bn_adapter(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from components.config import MethodConfig
 from components.distillation.protocol import MethodBase, supervised_terms, unwrap
+from components.schema import MethodConfig
 from components.semisup.cross_image import (
     StyleMemory,
     relation_loss,

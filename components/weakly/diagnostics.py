@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.config import WeaklyConfig
 from components.data.shards import iter_shard_tables
 from components.data.transforms import check_row, image_label_vector, normalize
 from components.metrics import confusion_matrix, miou
+from components.schema import WeaklyConfig
 from components.weakly.cam import multiscale_cam
 from components.weakly.pseudo_labels import pseudo_labels
 from components.weakly.tscd import refine_function, to_unit_range

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.config import MethodConfig, WeaklyConfig
 from components.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from components.distillation.protocol import MethodBase, segmentation_ce, unwrap
+from components.schema import MethodConfig, WeaklyConfig
 from components.weakly.affinity import affinity_labels, affinity_loss, downsample_labels
 from components.weakly.cam import multiscale_cam, normalise_cams
 from components.weakly.pseudo_labels import pseudo_labels
