@@ -15,6 +15,7 @@ A method owns the student, any trainable adapters and, when it has one, the froz
 - `after_step()`: called by the training core after every optimizer step (the semi-supervised
   methods update their EMA teacher there). Nothing by default.
 - `to(device)`: moves everything `parts()` lists (by default `trainable`).
+- `panel_maps(images, masks)`: extra label maps for TensorBoard's val panels (none by default).
 
 Semi-supervised methods (components/semisup/method.py) also get the unlabeled batch in the same
 dict, its keys prefixed `u_`: `u_image` (weak view), `u_image_strong`, `u_area` (False on crop
@@ -48,6 +49,12 @@ class MethodBase:
 
     def after_step(self) -> None:
         pass
+
+    def panel_maps(self, images: Tensor, masks: Tensor) -> dict[str, Tensor]:
+        """Label maps (B,H,W) of the method's own, shown beside the predictions in TensorBoard's
+        val panels (pseudo labels, CAMs). `masks` are the images' ground truth, for maps that
+        need the image-level classes. None by default."""
+        return {}
 
     def parts(self) -> list:
         """Everything `to` moves: modules, and objects with a `to` of their own."""

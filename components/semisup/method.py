@@ -130,6 +130,13 @@ class SemiSupervised(MethodBase):
                     terms["pseudo_acc"] = (labels[known] == truth[known]).float().mean()
         return terms
 
+    @torch.no_grad()
+    def panel_maps(self, images: Tensor, masks: Tensor) -> dict[str, Tensor]:
+        """The EMA teacher's pseudo labels on the images, ignore where below the threshold."""
+        logits = self.ema.model(images)["logits"]
+        labels, _, confident = pseudo_labels(logits, self.threshold, images.shape[-2:])
+        return {"ema pseudo labels": labels.masked_fill(~confident, self.ignore_index)}
+
     def after_step(self) -> None:
         self.ema.update(unwrap(self.trainable))
 

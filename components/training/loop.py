@@ -271,14 +271,16 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
 
 
 def _panels(w: Worker) -> dict[str, np.ndarray]:
-    """Image | ground truth | student | teacher of the fixed val images (rank 0 only)."""
+    """Image | ground truth | student | teacher | the method's own maps (pseudo labels) of the
+    fixed val images (rank 0 only)."""
     rows = w.config.get("panel_rows")
     if rows is None:
         return {}
     if isinstance(rows, ray.ObjectRef):
         rows = w.config["panel_rows"] = ray.get(rows)
     models = [w.method.eval_model(), *([w.teacher] if w.teacher is not None else [])]
-    return val_panels(models, rows, w.config["palette"], w.config["ignore_index"], w.device)
+    palette, ignore = w.config["palette"], w.config["ignore_index"]
+    return val_panels(models, rows, palette, ignore, w.device, w.method)
 
 
 def _report(w: Worker, metrics: dict, epoch: int) -> None:

@@ -190,11 +190,14 @@ def predict_labels(model: nn.Module, images: torch.Tensor) -> np.ndarray:
     return logits.argmax(1).cpu().numpy()
 
 
-def val_panels(models: list, rows: dict, palette, ignore_index: int, device) -> dict:
-    """{row id: image | ground truth | each model's prediction} of decoded val rows (`id`,
-    `image` normalised (N,3,H,W), `mask`, `valid`), for TensorBoard."""
+def val_panels(models: list, rows: dict, palette, ignore_index: int, device, method=None) -> dict:
+    """{row id: image | ground truth | each model's prediction | the method's own maps} of
+    decoded val rows (`id`, `image` normalised (N,3,H,W), `mask`, `valid`), for TensorBoard."""
     images = torch.from_numpy(rows["image"]).to(device)
     maps = [rows["mask"], *(predict_labels(m, images) for m in models)]
+    if method is not None:
+        masks = torch.from_numpy(np.asarray(rows["mask"], np.int64)).to(device)
+        maps += [m.cpu().numpy() for m in method.panel_maps(images, masks).values()]
     return {
         str(row_id): panel(to_rgb(rows["image"][i]), [m[i] for m in maps], palette, ignore_index)
         for i, row_id in enumerate(rows["id"])

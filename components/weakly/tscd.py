@@ -205,6 +205,31 @@ class TSCD(MethodBase):
             ].float().sum() / valid.float().sum().clamp(min=1)
         return {**terms, **diagnostics, "loss": loss}
 
+    @torch.no_grad()
+    def panel_maps(self, images: Tensor, masks: Tensor) -> dict[str, Tensor]:
+        """The refined CAM pseudo labels the `seg` term trains on, with the image-level classes
+        taken from the ground truth (a picture of the CAMs; nothing trains on it)."""
+        net = self._net()
+        was_training = net.training
+        net.eval()
+        c = self.cfg
+        k = net.num_classes
+        labels = torch.stack([(masks == j).flatten(1).any(1) for j in range(1, k)], 1).float()
+        cams = multiscale_cam(net.cam, images, tuple(c.cam_scales), c.cam_flip)
+        cams = cams * labels[:, :, None, None]
+        plabels = pseudo_labels(
+            cams,
+            labels,
+            to_unit_range(images),
+            masks != self.ignore_index,
+            high=c.high_threshold,
+            low=c.low_threshold,
+            refine_fn=self.refine_fn,
+            ignore_index=self.ignore_index,
+        )
+        net.train(was_training)
+        return {"cam pseudo labels": plabels}
+
     def eval_model(self) -> nn.Module:
         return self._net()
 

@@ -161,3 +161,18 @@ def test_config_validation():
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labeled_count=0))
     with pytest.raises(ConfigError, match="data.labeled_count"):
         validate(cfg)
+
+
+def test_panel_map_is_the_ema_teachers_confident_pseudo_labels():
+    from components.semisup.fixmatch import pseudo_labels
+
+    method = _method(threshold=0.3)
+    images = _batch()["image"]
+    (maps,) = method.panel_maps(images, torch.zeros(images.shape[0], *images.shape[-2:])).values()
+    with torch.no_grad():
+        labels, _, confident = pseudo_labels(
+            method.ema.model(images)["logits"], 0.3, images.shape[-2:]
+        )
+    assert maps.shape == images.shape[:1] + images.shape[-2:]
+    assert torch.equal(maps[confident], labels[confident])
+    assert bool((maps[~confident] == 255).all())

@@ -187,3 +187,16 @@ def test_to_unit_range_inverts_normalize():
     rgb = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)
     back = to_unit_range(torch.from_numpy(normalize(rgb)))
     assert torch.allclose(back, torch.from_numpy(rgb).permute(0, 3, 1, 2) / 255.0, atol=1e-5)
+
+
+def test_panel_map_keeps_to_the_images_classes():
+    method = _method()
+    batch = _batch()
+    masks = torch.zeros(2, 64, 64, dtype=torch.long)
+    masks[0, :16] = 2  # image 0: background and class 2; image 1: background only
+    method.trainable.train()
+    (maps,) = method.panel_maps(batch["image"], masks).values()
+    assert maps.shape == (2, 64, 64)
+    assert set(maps[0].unique().tolist()) <= {0, 2, 255}
+    assert set(maps[1].unique().tolist()) <= {0, 255}
+    assert method.trainable.training  # the network is back in its mode
