@@ -317,3 +317,44 @@ def test_bad_rows_counted_then_fail_past_max_bad_fraction(
     assert "5 of 48 training rows were bad" in captured.err
     assert "data.max_bad_fraction=0.05" in captured.err
     assert not list((tmp_path / "strict").rglob("meta.json"))
+
+
+def _run_cli(args: list[str], tmp_path: Path) -> list[str]:
+    """distill.py as a user runs it (a new process on the session's Ray); its output lines."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env.pop("RAY_DISABLE_WORKER_LOG_PREFIX", None)
+    done = subprocess.run(
+        [sys.executable, str(root / "pipelines" / "distill.py"), *args],
+        check=False,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return (done.stdout + done.stderr).splitlines()
+
+
+def test_output_is_ours_unless_verbose(ray_session, tiny_data, tiny_overrides, tmp_path):
+    # A teacher (1 epoch) and a student (2 epochs): two fits, as in the default job.
+    args = tiny_overrides(tiny_data, str(tmp_path / "out"), **{"trainer.epochs": "2"})
+    lines = _run_cli(args, tmp_path)
+    assert len(lines) < 100, "\n".join(lines)
+    epoch_lines = [ln for ln in lines if ": val mIoU" in ln]
+    assert len(epoch_lines) == 3 and len(set(epoch_lines)) == 3  # each once (was twice)
+    assert not any("RayTrainWorker pid=" in ln or "Reporting training result" in ln for ln in lines)
+    assert not any("Execution plan of Dataset" in ln for ln in lines)
+    assert any("checkpoint (best)" in ln for ln in lines)
+
+    # --verbose brings Ray's own output back (Train's report dumps, the worker prefixes).
+    again = _run_cli([*args, "trainer.name=verbose-run", "--verbose"], tmp_path)
+    assert any("Reporting training result" in ln for ln in again)
+    assert any("RayTrainWorker pid=" in ln for ln in again)
