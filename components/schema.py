@@ -227,7 +227,7 @@ class TrainerConfig:
     resource_wait_s: float = 60.0
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     channels_last: bool = True  # on GPU
-    log_every: int = 10  # steps between step lines in console.log (TensorBoard gets every step)
+    log_every: int = 50  # steps between step lines on the console (TensorBoard gets every step)
     # Ray's own output (Train's INFO logs, Ray Data's plans and progress bars); `--verbose`.
     verbose: bool = False
     image_every: int = 1  # epochs between TensorBoard image panels (the last always; 0: none)
