@@ -150,18 +150,7 @@ class TSCD(MethodBase):
         if dense:
             net = self._net()
             with torch.no_grad():
-                cams = multiscale_cam(net.cam, image, tuple(c.cam_scales), c.cam_flip)
-                cams = cams * labels[:, :, None, None]
-                plabels = pseudo_labels(
-                    cams,
-                    labels,
-                    to_unit_range(image),
-                    area,
-                    high=c.high_threshold,
-                    low=c.low_threshold,
-                    refine_fn=self.refine_fn,
-                    ignore_index=self.ignore_index,
-                )
+                cams, plabels = self._cam_pseudo_labels(image, labels, area)
             if w["seg"] > 0:
                 terms["seg"] = w["seg"] * balanced_seg_loss(
                     out["logits"], plabels, self.ignore_index
@@ -205,6 +194,23 @@ class TSCD(MethodBase):
             ].float().sum() / valid.float().sum().clamp(min=1)
         return {**terms, **diagnostics, "loss": loss}
 
+    def _cam_pseudo_labels(self, image: Tensor, labels: Tensor, area: Tensor):
+        """(the image's CAMs kept to its classes, their refined pseudo labels (B,H,W))."""
+        c = self.cfg
+        cams = multiscale_cam(self._net().cam, image, tuple(c.cam_scales), c.cam_flip)
+        cams = cams * labels[:, :, None, None]
+        plabels = pseudo_labels(
+            cams,
+            labels,
+            to_unit_range(image),
+            area,
+            high=c.high_threshold,
+            low=c.low_threshold,
+            refine_fn=self.refine_fn,
+            ignore_index=self.ignore_index,
+        )
+        return cams, plabels
+
     @torch.no_grad()
     def panel_maps(self, images: Tensor, masks: Tensor) -> dict[str, Tensor]:
         """The refined CAM pseudo labels the `seg` term trains on, with the image-level classes
@@ -212,21 +218,9 @@ class TSCD(MethodBase):
         net = self._net()
         was_training = net.training
         net.eval()
-        c = self.cfg
         k = net.num_classes
         labels = torch.stack([(masks == j).flatten(1).any(1) for j in range(1, k)], 1).float()
-        cams = multiscale_cam(net.cam, images, tuple(c.cam_scales), c.cam_flip)
-        cams = cams * labels[:, :, None, None]
-        plabels = pseudo_labels(
-            cams,
-            labels,
-            to_unit_range(images),
-            masks != self.ignore_index,
-            high=c.high_threshold,
-            low=c.low_threshold,
-            refine_fn=self.refine_fn,
-            ignore_index=self.ignore_index,
-        )
+        _, plabels = self._cam_pseudo_labels(images, labels, masks != self.ignore_index)
         net.train(was_training)
         return {"cam pseudo labels": plabels}
 
