@@ -70,13 +70,13 @@ def train_one_epoch(
     steps: int,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
-    on_step: Callable[[int, dict[str, Tensor], float], None] | None = None,
+    on_step: Callable[[int, dict[str, float], float], None] | None = None,
 ) -> EpochStats:
     """Up to `steps` steps, fewer if `batches` ends first (the caller checks `stats.steps`).
 
     Before each step the learning rate is set from `progress["iteration"]`, which then counts
-    the step; at the end it is the next step's. `on_step(iteration, terms, data_wait_s)` runs
-    after each step (logging)."""
+    the step; at the end it is the next step's. `on_step(iteration, {term: value},
+    data_wait_s)` runs after each step (logging)."""
     method.trainable.train()
     stats = EpochStats()
     start = time.perf_counter()
@@ -98,11 +98,12 @@ def train_one_epoch(
         stats.step_s.append(time.perf_counter() - t_step)
         stats.steps += 1
         progress["iteration"] += 1
-        for name, value in terms.items():
-            stats.sums[name] = stats.sums.get(name, 0.0) + float(value.detach())
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        for name, value in values.items():
+            stats.sums[name] = stats.sums.get(name, 0.0) + value
             stats.reported[name] = stats.reported.get(name, 0) + 1
         if on_step is not None:
-            on_step(progress["iteration"], terms, t_step - t_wait)
+            on_step(progress["iteration"], values, t_step - t_wait)
     schedule.apply(optimizer, progress["iteration"])  # the rate of the next step, as reported
     stats.train_s = time.perf_counter() - start
     return stats

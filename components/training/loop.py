@@ -346,10 +346,9 @@ def _step_logger(w: Worker, epoch: int):
     t = w.cfg.trainer
     total = w.schedule.total_iters
 
-    def log(iteration: int, terms: dict, wait_s: float) -> None:
+    def log(iteration: int, values: dict[str, float], wait_s: float) -> None:
         if w.log is None:
             return
-        values = {k: float(v.detach()) for k, v in terms.items()}
         lr = w.schedule.base_lrs[0] * w.schedule.factor(iteration - 1)  # this step's rate
         w.log.step(iteration, values, lr, wait_s)
         if iteration % t.log_every == 0:
