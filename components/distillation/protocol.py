@@ -24,19 +24,22 @@ padding), `u_valid`, and `u_mask` (diagnostics only).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class MethodBase:
+class MethodBase(ABC):
     """Defaults of the method contract (module docstring); subclasses set `trainable` and
     write `training_step`."""
 
     trainable: nn.Module
 
+    @abstractmethod
     def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The step's terms: `loss` (to back-propagate) and every named term."""
 
     def eval_model(self) -> nn.Module:
         return unwrap(self.trainable)

@@ -10,7 +10,6 @@ newer complete checkpoint the driver found in the run folder).
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -38,7 +37,7 @@ from components.training.checkpoint import (
 from components.training.core import EpochStats, train_one_epoch
 from components.training.distributed import all_reduce_sum, distributed, mean_terms
 from components.training.evaluation import predict_confusion
-from components.training.runlog import RunLog, val_panels
+from components.training.runlog import RunLog, quiet_train_console, val_panels
 from components.training.schedule import Schedule, build_optimizer
 
 
@@ -87,31 +86,11 @@ def _build_teacher(config: dict, num_classes: int, device: torch.device) -> nn.M
     return teacher.to(device).eval()
 
 
-class _TrainInfoFilter(logging.Filter):
-    """Drops Ray Train's own INFO records (a dump of every report) from a console handler."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        own = "/ray/train/" in record.pathname.replace("\\", "/")
-        return not (own and record.levelno < logging.WARNING)
-
-
-def _quiet_console() -> None:
-    """Without --verbose. Ray Train logs each report at INFO through a logger named after its
-    file, not `ray.train`, so its LoggingConfig level does not reach it and the root logger's
-    console shows it; it is filtered from the console handlers here. The log files in the
-    session folder keep everything."""
-    for handler in logging.getLogger().handlers:
-        if type(handler).__name__ == "SessionFileHandler":
-            continue
-        if not any(isinstance(f, _TrainInfoFilter) for f in handler.filters):
-            handler.addFilter(_TrainInfoFilter())
-
-
 def _setup(config: dict) -> Worker:
     """Models, method, optimizer and schedule of this worker, from the driver's config."""
     cfg: Config = from_dict(config["cfg"])
     if not cfg.trainer.verbose:
-        _quiet_console()
+        quiet_train_console()
     t, k = cfg.trainer, config["num_classes"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -17,11 +17,14 @@ A resumed run continues the same curves: the writer purges events past the resum
 and `metrics.jsonl` drops rows past it, so a step written after the last checkpoint by a run that
 then died is not there twice. On URI storage (s3://, gs://) the files are written in a local
 staging folder and copied to the run folder after every epoch (`sync`).
+
+`quiet_train_console()` keeps Ray Train's own INFO dumps off a worker's console (not --verbose).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -203,3 +206,23 @@ def val_panels(models: list, rows: dict, palette, ignore_index: int, device, met
         for i, row_id in enumerate(rows["id"])
         if rows["valid"][i]
     }
+
+
+class _TrainInfoFilter(logging.Filter):
+    """Drops Ray Train's own INFO records (a dump of every report) from a console handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = "/ray/train/" in record.pathname.replace("\\", "/")
+        return not (own and record.levelno < logging.WARNING)
+
+
+def quiet_train_console() -> None:
+    """Without --verbose. Ray Train logs each report at INFO through a logger named after its
+    file, not `ray.train`, so its LoggingConfig level does not reach it and the root logger's
+    console shows it; it is filtered from the console handlers here. The log files in the
+    session folder keep everything."""
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "SessionFileHandler":
+            continue
+        if not any(isinstance(f, _TrainInfoFilter) for f in handler.filters):
+            handler.addFilter(_TrainInfoFilter())
