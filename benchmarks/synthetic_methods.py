@@ -29,9 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.config import Config, ModelConfig, merge_config
+from components.data.decode import decode_split
 from components.data.shards import read_split_table
 from components.data.synthetic import ensure_synthetic
-from components.data.transforms import decode_eval_batch, decode_train_batch
+from components.data.transforms import decode_train_batch
 from components.distillation.build import build_method
 from components.metrics import miou
 from components.models.build import build_model
@@ -66,14 +67,7 @@ class Data:
         self.info, self.cfg = info, cfg
         cols = ["id", "image", "mask"]
         self.train = read_split_table(cfg.data.root, "train", cols).to_pydict()
-        val = read_split_table(cfg.data.root, "val", cols).to_pydict()
-        v = info.splits["val"]
-        self.val = decode_eval_batch(
-            {k: np.array(x, dtype=object) for k, x in val.items()},
-            pad_height=v.max_height,
-            pad_width=v.max_width,
-            num_classes=info.num_classes,
-        )
+        self.val = decode_split(cfg.data.root, info, "val")
 
     def train_batches(self, seed: int):
         d, rng = self.cfg.data, np.random.default_rng(seed)

@@ -39,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_methods import step_times
 
 from components.config import Config, merge_config
+from components.data.decode import decode_split
 from components.data.shards import read_split_table
 from components.data.synthetic import ensure_synthetic
-from components.data.transforms import decode_eval_batch, decode_weak_batch
+from components.data.transforms import decode_weak_batch
 from components.distillation.build import build_method
 from components.metrics import miou
 from components.models.build import build_model
@@ -162,14 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     info = ensure_synthetic(base.data.root, base.data.synthetic)
     cols = ["id", "image", "mask", "image_labels"]
     rows = read_split_table(base.data.root, base.data.train_split, cols).to_pydict()
-    v = info.splits[base.data.val_split]
-    val_rows = read_split_table(base.data.root, base.data.val_split, cols[:3]).to_pydict()
-    decoded = decode_eval_batch(
-        {k: np.array(x, dtype=object) for k, x in val_rows.items()},
-        pad_height=v.max_height,
-        pad_width=v.max_width,
-        num_classes=info.num_classes,
-    )
+    decoded = decode_split(base.data.root, info, base.data.val_split)
     val = {k: torch.from_numpy(x) for k, x in decoded.items() if k != "id"}
     iters = args.iters or base.trainer.epochs * (len(rows["id"]) // base.data.batch_size)
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from components.data.augment import normalize, pad_to, random_scale_crop_flip, strong_photometric
 from components.data.images import decode_image, decode_mask
+from components.data.shards import DatasetInfo, read_split_table
 
 log = logging.getLogger("segdistill.data")
 
@@ -343,6 +344,22 @@ def decode_eval_batch(
                 pair = None
         out.append((row_id, pair))
     return _assemble(out, pad_height, pad_width, ignore_index)
+
+
+def decode_split(root: str, info: DatasetInfo, split: str, rows: int | None = None) -> dict:
+    """The first `rows` (None: all) rows of a split, read in the driver and decoded as for
+    evaluation (padded to the split's largest image): `id`, `image`, `mask`, `valid`."""
+    table = read_split_table(root, split, ["id", "image", "mask"])
+    if rows is not None:
+        table = table.slice(0, rows)
+    s = info.splits[split]
+    return decode_eval_batch(
+        {k: np.array(v, dtype=object) for k, v in table.to_pydict().items()},
+        pad_height=s.max_height,
+        pad_width=s.max_width,
+        ignore_index=info.ignore_index,
+        num_classes=info.num_classes,
+    )
 
 
 __all__ = [

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.data.shards import resolve_fs
 from components.training.storage import is_uri
 
 LOG_FILES = ("metrics.jsonl", "console.log")
@@ -159,7 +160,7 @@ def _download_logs(uri: str, local: Path) -> None:
     """The log files a run on URI storage already has (a resumed run appends to them)."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(uri)
+    fs, root = resolve_fs(uri)
     selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
     for info in fs.get_file_info(selector):
         rel = info.path[len(root) :].lstrip("/")
@@ -170,9 +171,7 @@ def _download_logs(uri: str, local: Path) -> None:
 
 
 def _upload_logs(local: Path, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(uri)
+    fs, root = resolve_fs(uri)
     for path in local.rglob("*"):
         if path.is_file():
             rel = path.relative_to(local).as_posix()

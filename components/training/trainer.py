@@ -293,23 +293,9 @@ def quiet_ray_data(quiet: bool) -> None:
 
 def panel_rows(cfg: Config, info: DatasetInfo) -> dict:
     """The first `trainer.panel_images` val rows, decoded (the images of TensorBoard's panels)."""
-    import numpy as np
+    from components.data.decode import decode_split
 
-    from components.data.shards import read_split_table
-    from components.data.transforms import decode_eval_batch
-
-    n = cfg.trainer.panel_images
-    split = cfg.data.val_split
-    table = read_split_table(cfg.data.root, split, ["id", "image", "mask"]).slice(0, n)
-    rows = {k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}
-    s = info.splits[split]
-    out = decode_eval_batch(
-        rows,
-        pad_height=s.max_height,
-        pad_width=s.max_width,
-        ignore_index=info.ignore_index,
-        num_classes=info.num_classes,
-    )
+    out = decode_split(cfg.data.root, info, cfg.data.val_split, cfg.trainer.panel_images)
     return {k: out[k] for k in ("id", "image", "mask", "valid")}
 
 
