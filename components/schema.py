@@ -228,6 +228,9 @@ class TrainerConfig:
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     channels_last: bool = True  # on GPU
     log_every: int = 50  # steps between step lines on the console (TensorBoard gets every step)
+    # "auto": a progress bar per epoch when the driver's stderr is a terminal, else a step line
+    # every `log_every` steps (a log file would get every redraw); "bar" or "lines" to choose.
+    progress: str = "auto"
     # Ray's own output (Train's INFO logs, Ray Data's plans and progress bars); `--verbose`.
     verbose: bool = False
     image_every: int = 1  # epochs between TensorBoard image panels (the last always; 0: none)

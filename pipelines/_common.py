@@ -10,9 +10,13 @@ report it prints; everything around it is the same for distill, semisup and wsss
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
 import os
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,13 +105,49 @@ def quiet_environment(verbose: bool) -> None:
     """Ray's side of readable output, set before Ray starts. Ray Train's workers print every
     `print` twice (their stdout, and again through its logger): its print patch is off. Without
     --verbose, the lines workers send to the driver lose Ray's "(RayTrainWorker pid=...)"
-    prefix: what is left is ours."""
+    prefix, and Ray's notices about itself stay off the console: what is left is ours.
+
+    The environment is read by the processes of a local instance started from here; a
+    cluster's own nodes keep their settings. Ray's log files in the session folder are complete
+    either way: Ray Data's console handler is raised to ERROR, its file handler is not."""
     os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # handed on to the workers by Ray Train
-    if not verbose:
-        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
-        # Ray Data's "execution finished" lines; read by the processes of a local instance
-        # started from here (a cluster's own nodes keep their settings).
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    if verbose:
+        return
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _ray_data_logging_config())
+    # Ray Train passes this deprecated option to Ray Data itself (ray/train/_internal/
+    # data_config.py); nothing a user can change.
+    notice = "`ExecutionOptions.exclude_resources` is deprecated"
+    warnings.filterwarnings("ignore", message=re.escape(notice))
+    extra = f"ignore:{notice}"
+    previous = os.environ.get("PYTHONWARNINGS")
+    if not previous:
+        os.environ["PYTHONWARNINGS"] = extra
+    elif extra not in previous:
+        os.environ["PYTHONWARNINGS"] = f"{previous},{extra}"
+    # "Token authentication is enabled for this Ray cluster" on every local start.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
+
+
+def _ray_data_logging_config() -> str:
+    """Ray Data's own logging config with its console handler at ERROR (its "Progress bars
+    disabled" and "execution finished" notices) in a private temp file (mode 0600, removed at
+    exit): a logging config can name classes to build, so no shared path is read."""
+    import atexit
+    import tempfile
+
+    import yaml
+    from ray.data._internal.logging import DEFAULT_CONFIG
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "ERROR"
+    fd, path = tempfile.mkstemp(prefix="segdistill-ray-data-logging-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=True)
+    atexit.register(lambda: Path(path).unlink(missing_ok=True))
+    return path
 
 
 def init_ray(dashboard: bool = True) -> None:

@@ -56,7 +56,7 @@ def execute(cfg, info, args) -> str:
         ("run folder", join(storage_of(cfg), name)),
         ("checkpoint (newest)", str(outcome.checkpoint_dir)),
         ("checkpoint (best)", join(storage_of(cfg), name, f"epoch_{m.get('best_epoch', 0):04d}")),
-        ("logs", "metrics.jsonl, console.log, tensorboard/ in the run folder"),
+        ("logs", "report.md, metrics.jsonl, console.log, tensorboard/ in the run folder"),
     ]
     return summary_table(rows)
 

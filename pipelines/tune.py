@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 def main(argv: list[str] | None = None) -> int:
     from components.config import ConfigError, parse_args
     from components.tuning.space import load_sweep
-    from pipelines._common import fail, init_ray
+    from pipelines._common import fail, init_ray, quiet_environment
 
     path, overrides = parse_args(argv, __doc__.splitlines()[0])
     try:
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.training.trainer import failure_message, obtain_teacher, prepare_dataset
 
     start = time.perf_counter()
+    quiet_environment(spec.base.trainer.verbose)
     init_ray(dashboard=True)
     try:
         check_sweep(spec)  # before minutes of teacher training

@@ -15,9 +15,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 def ray_session():
     import ray
 
-    from pipelines._common import start_local_ray
+    from pipelines._common import quiet_environment, start_local_ray
 
     if not ray.is_initialized():
+        # As a pipeline starts its own instance: its processes inherit the quiet settings.
+        quiet_environment(verbose=False)
         # Two 1-CPU train workers plus one CPU for Ray Data tasks; more logical CPUs only make Ray
         # start more worker processes at once, which thrashes a 2-core machine. The dashboard is
         # on, as in pipelines/tune.py: Ray Train's placement-group cleaner needs its State API

@@ -37,6 +37,7 @@ from components.training.checkpoint import (
 from components.training.core import EpochStats, train_one_epoch
 from components.training.distributed import all_reduce_sum, distributed, mean_terms
 from components.training.evaluation import predict_confusion
+from components.training.progress import Bar, iterate
 from components.training.runlog import RunLog, quiet_train_console, val_panels
 from components.training.schedule import Schedule, build_optimizer
 
@@ -66,6 +67,11 @@ class Worker:
     schedule: Schedule
     progress: dict
     log: RunLog | None = None  # rank 0's record in the run folder
+
+    @property
+    def bars(self) -> bool:
+        """Progress bars from rank 0 when the driver asked for them (progress.wants_bars)."""
+        return self.rank == 0 and bool(self.config.get("progress_bars"))
 
     def print0(self, msg: str) -> None:
         if self.log is not None:
@@ -204,6 +210,9 @@ def evaluate(w: Worker, model: nn.Module) -> torch.Tensor:
         prefetch_batches=d.prefetch_batches,
     )
     num_classes, ignore_index = w.config["num_classes"], w.config["ignore_index"]
+    if w.bars:  # each worker's share of an uneven split is known only for one worker
+        total = w.config.get("val_rows") if w.world == 1 else None
+        batches = iterate(batches, Bar("val", total, unit="img"), lambda b: len(b["mask"]))
     confusion = predict_confusion(model, batches, num_classes, ignore_index, w.amp_dtype)
     return all_reduce_sum(confusion.to(w.device)).cpu()
 
@@ -321,18 +330,30 @@ def _report(w: Worker, metrics: dict, epoch: int) -> None:
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
 
 
-def _step_logger(w: Worker, epoch: int):
+def _step_logger(w: Worker, epoch: int, bar: Bar):
+    """Every step to TensorBoard; the epoch's bar (on a terminal) or a line every `log_every`
+    steps (in a log file); console.log gets the lines either way."""
     t = w.cfg.trainer
     total = w.schedule.total_iters
+    batch = w.cfg.data.batch_size * w.world
+    started = time.perf_counter()
+    done = [0]
 
     def log(iteration: int, values: dict[str, float], wait_s: float) -> None:
+        done[0] += 1
+        if w.bars:
+            speed = done[0] * batch / max(time.perf_counter() - started, 1e-9)
+            loss = values.get("loss", float("nan"))
+            bar.update(1, desc=f"epoch {epoch + 1}/{t.epochs} loss {loss:.4f} {speed:.1f} img/s")
         if w.log is None:
             return
         lr = w.schedule.base_lrs[0] * w.schedule.factor(iteration - 1)  # this step's rate
         w.log.step(iteration, values, lr, wait_s)
         if iteration % t.log_every == 0:
             shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-            w.log.line(f"epoch {epoch + 1}/{t.epochs} it {iteration}/{total} {shown} lr {lr:.2e}")
+            line = f"epoch {epoch + 1}/{t.epochs} it {iteration}/{total} {shown} lr {lr:.2e}"
+            w.log.line(line, echo=not w.bars)
+            w.log.step_row(iteration, values, lr)
 
     return log
 
@@ -369,17 +390,19 @@ def _train(w: Worker) -> None:
     t = w.cfg.trainer
     for epoch in range(w.progress["epoch"], t.epochs):
         streams = Streams.of(w)
-        stats = train_one_epoch(
-            w.method,
-            streams,
-            w.optimizer,
-            w.schedule,
-            w.progress,
-            config["steps_per_epoch"],
-            autocast_dtype=w.amp_dtype,
-            channels_last=w.device.type == "cuda" and t.channels_last,
-            on_step=_step_logger(w, epoch),
-        )
+        steps = config["steps_per_epoch"]
+        with Bar(f"epoch {epoch + 1}/{t.epochs}", steps, "step", enabled=w.bars) as bar:
+            stats = train_one_epoch(
+                w.method,
+                streams,
+                w.optimizer,
+                w.schedule,
+                w.progress,
+                steps,
+                autocast_dtype=w.amp_dtype,
+                channels_last=w.device.type == "cuda" and t.channels_last,
+                on_step=_step_logger(w, epoch, bar),
+            )
         t_drain = time.perf_counter()
         streams.drain()
         stats.train_s += time.perf_counter() - t_drain

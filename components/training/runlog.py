@@ -23,10 +23,12 @@ staging folder and copied to the run folder after every epoch (`sync`).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -37,7 +39,14 @@ from torch import nn
 from components.data.shards import resolve_fs
 from components.training.storage import is_uri
 
-LOG_FILES = ("metrics.jsonl", "console.log")
+LOG_FILES = ("metrics.jsonl", "steps.jsonl", "console.log")
+
+
+def safe_file_name(name: str) -> str:
+    """A row id as one file name: characters outside [A-Za-z0-9._-] become "_", and a leading
+    dot too, so no id (`../x`, `a/b`, `.hidden`) reaches outside its folder."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:120] or "_"
+    return "_" + cleaned[1:] if cleaned.startswith(".") else cleaned
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -82,7 +91,8 @@ class RunLog:
             self._staging = None
             self.folder = Path(run_folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        _truncate_rows(self.folder / "metrics.jsonl", resume_iteration)
+        for rows in ("metrics.jsonl", "steps.jsonl"):
+            _truncate_rows(self.folder / rows, resume_iteration)
         # Steps up to the checkpoint's iteration are kept; later ones were written by a run that
         # died after it, and the resumed run writes them again.
         purge = resume_iteration + 1 if resume_iteration > 0 else None
@@ -116,16 +126,36 @@ class RunLog:
                 self.writer.add_scalar(f"val/iou/{name}", value, iteration)
         for name, image in (panels or {}).items():
             self.writer.add_image(f"val_images/{name}", image, iteration, dataformats="HWC")
+        if panels:
+            self.panel_files(panels)
         self.writer.flush()
 
     def row(self, metrics: dict) -> None:
         with open(self.folder / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics, default=float) + "\n")
 
-    def line(self, text: str) -> None:
+    def step_row(self, iteration: int, terms: dict[str, float], lr: float) -> None:
+        """A step's terms in steps.jsonl (every `trainer.log_every` steps: report.md's curves)."""
+        with open(self.folder / "steps.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": iteration, **terms, "lr": lr}) + "\n")
+
+    def panel_files(self, panels: dict[str, np.ndarray]) -> None:
+        """The last evaluation's panels as `panels/<id>.png` (linked from report.md)."""
+        from PIL import Image
+
+        folder = self.folder / "panels"
+        folder.mkdir(exist_ok=True)
+        for name, image in panels.items():
+            out = io.BytesIO()
+            Image.fromarray(image).save(out, format="PNG")
+            tmp = folder / f".{safe_file_name(name)}.png.tmp"
+            tmp.write_bytes(out.getvalue())
+            os.replace(tmp, folder / f"{safe_file_name(name)}.png")
+
+    def line(self, text: str, echo: bool = True) -> None:
         with open(self.folder / "console.log", "a") as f:
             f.write(text + "\n")
-        if self.echo:
+        if self.echo and echo:
             print(text, flush=True)
 
     def sync(self) -> None:

@@ -32,6 +32,7 @@ from ray._common.constants import HEAD_NODE_RESOURCE_NAME  # what Train V2 itsel
 from components.config import ConfigError, to_yaml
 from components.data.shards import DatasetInfo, resolve_fs, write_atomic
 from components.training.checkpoint import read_meta
+from components.training.progress import Bar, wants_bars
 from components.training.resources import cluster_capacity, run_request
 from components.training.storage import check_writable
 from components.training.trainer import (
@@ -171,6 +172,62 @@ def _trial(config: dict, spec: SweepSpec, info: DatasetInfo, teacher: Teacher | 
     build_trainer(cfg, info, name, teacher, callbacks=[TuneReportCallback()]).fit()
 
 
+class TrialProgress(tune.Callback):
+    """The sweep's progress on the driver: a bar of finished trials (done, running, stopped
+    early, failed) on a terminal, else one line per finished trial."""
+
+    def __init__(self, total: int, epochs: int, metric: str, bars: bool, log=print):
+        self.total, self.epochs, self.metric, self.log = total, epochs, metric, log
+        self.running: set[str] = set()
+        self.counts = {"done": 0, "stopped early": 0, "failed": 0}
+        self.bars = bars
+        self.bar = Bar("", None, enabled=False)  # drawn from `setup`, when the sweep starts
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the sweep's state
+        return {k: v for k, v in self.__dict__.items() if k != "bar"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, bar=Bar("", None, enabled=False))
+
+    def setup(self, **info) -> None:
+        self.bar = Bar(self._desc(), self.total, "trial", enabled=self.bars)
+
+    def _desc(self) -> str:
+        c = self.counts
+        return (
+            f"trials: {c['done']} done, {len(self.running)} running, "
+            f"{c['stopped early']} stopped early, {c['failed']} failed"
+        )
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self.bar.update(0, desc=self._desc())
+
+    def _finished(self, trial, status: str) -> None:
+        self.running.discard(trial.trial_id)
+        self.counts[status] += 1
+        self.bar.update(1, desc=self._desc())
+        if not self.bars:
+            result = trial.last_result or {}
+            value = result.get(self.metric)
+            shown = "" if value is None else f" {self.metric} {value:.4f}"
+            finished = sum(self.counts.values())
+            self.log(
+                f"trial {trial.trial_id} {status} after epoch {result.get('epoch', 0)}"
+                f"{shown} ({finished}/{self.total} finished)"
+            )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epoch = (trial.last_result or {}).get("epoch", 0)
+        self._finished(trial, "done" if epoch >= self.epochs else "stopped early")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finished(trial, "failed")
+
+    def on_experiment_end(self, trials, **info):
+        self.bar.close()
+
+
 def _scheduler(spec: SweepSpec):
     s = spec.settings
     if s.scheduler == "fifo":
@@ -243,6 +300,12 @@ def run_sweep(
         driver_resources(s.driver_cpus),
     )
     limit = check_sweep(spec)
+    trials = s.num_samples * math.prod(
+        len(d.args[0]) for d in spec.search.values() if d.name == "grid"
+    )
+    progress = TrialProgress(
+        trials, spec.base.trainer.epochs, s.metric, wants_bars(spec.base.trainer.progress), log
+    )
     if tune.Tuner.can_restore(path):
         log(f"sweep: continuing {path} (finished trials are kept)")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -268,7 +331,8 @@ def run_sweep(
                 name=name,
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                verbose=1,
+                verbose=1 if spec.base.trainer.verbose else 0,
+                callbacks=[progress],
             ),
         )
     grid = tuner.fit()

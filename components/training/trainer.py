@@ -45,6 +45,7 @@ from components.training.checkpoint import (
     resolve_checkpoint,
 )
 from components.training.loop import train_loop_per_worker
+from components.training.progress import wants_bars
 from components.training.resources import (
     Request,
     cluster_capacity,
@@ -247,6 +248,8 @@ def build_trainer(
         "resume_folder": _resumable(cfg, name),
         "run_folder": join(storage_of(cfg), name),
         "palette": info.palette,
+        "progress_bars": wants_bars(cfg.trainer.progress),
+        "val_rows": info.splits[cfg.data.val_split].rows,
         "panel_rows": ray.put(panel_rows(cfg, info)) if cfg.trainer.image_every else None,
     }
     if teacher is not None:
@@ -321,7 +324,45 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
         )
         if not metrics:
             metrics = read_meta(folder).get("metrics", {})
-    return Outcome(name, metrics, folder, time.perf_counter() - start)
+    outcome = Outcome(name, metrics, folder, time.perf_counter() - start)
+    _report_file(cfg, outcome)
+    return outcome
+
+
+def run_summary(cfg: Config, outcome: Outcome) -> list[tuple[str, str]]:
+    """A run's summary rows (report.md; the pipelines print theirs beside a teacher's)."""
+    m, run = outcome.metrics, join(storage_of(cfg), outcome.name)
+
+    def pct(key: str) -> str:
+        return f"{100 * m.get(key, float('nan')):.2f}"
+
+    s = cfg.model
+    rows = [
+        (
+            f"model ({s.backbone} x{s.width}, {s.head}, {cfg.method.name})",
+            f"val mIoU {pct('miou')} (best {pct('best_miou')} at epoch {m.get('best_epoch')})",
+        ),
+    ]
+    if "teacher_miou" in m:
+        rows.append(("teacher", f"val mIoU {pct('teacher_miou')}"))
+    rows += [
+        ("epochs", f"{m.get('epoch')} ({m.get('iteration')} iterations)"),
+        ("images/s", f"{m.get('images_per_s', float('nan')):.1f} (last epoch)"),
+        ("data wait share", f"{100 * m.get('data_wait_share', float('nan')):.1f}% of step time"),
+        ("checkpoint (newest)", str(outcome.checkpoint_dir)),
+        ("checkpoint (best)", join(run, f"epoch_{m.get('best_epoch', 0):04d}")),
+    ]
+    return rows
+
+
+def _report_file(cfg: Config, outcome: Outcome) -> None:
+    """report.md in the run folder; a storage error here only warns (the run is done)."""
+    from components.training.report import write_run_report
+
+    try:
+        write_run_report(join(storage_of(cfg), outcome.name), cfg, run_summary(cfg, outcome))
+    except OSError as e:
+        print(f"warning: report.md not written ({e})", flush=True)
 
 
 def failure_message(error: BaseException) -> str:

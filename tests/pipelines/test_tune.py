@@ -115,6 +115,10 @@ def test_tiny_sweep_stops_early_writes_outputs_and_continues(
     assert "3 trials, 2 stopped early" in md
     for r in rows:
         assert f"{100 * float(r['best_miou']):.2f}" in md and r["trial_id"] in out
+    # Not on a terminal: one progress line per finished trial (tune.py's TrialProgress).
+    for r in rows:
+        line = f"trial {r['trial_id']} {r['status']} after epoch {r['epochs']}"
+        assert sum(ln.startswith(line) for ln in out.splitlines()) == 1, out
     from PIL import Image
 
     png = Image.open(folder / "params.png")
