@@ -17,6 +17,7 @@ import argparse
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from components.schema import (
     ConfigError,
     DataConfig,
     DTIEMConfig,
+    EvalConfig,
     MethodConfig,
     ModelConfig,
     OptimConfig,
@@ -256,7 +258,43 @@ def validate(cfg: Config) -> None:
     _check(t.image_every >= 0, "trainer.image_every", "must be >= 0")
     _check(t.panel_images >= 0, "trainer.panel_images", "must be >= 0")
     if t.name is not None:
-        _check(t.name != "" and "/" not in t.name, "trainer.name", "must be a plain folder name")
+        _check_name(t.name, "trainer.name")
+    _validate_eval(cfg)
+    _check_finite(cfg, "")
+
+
+def _check_name(name: str, key: str) -> None:
+    """A run or sweep name is one folder inside the storage: never `..`, `.`, or a path."""
+    plain = name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    _check(plain, key, f"must be a plain folder name (no '/', not '.' or '..'), got {name!r}")
+
+
+def _validate_eval(cfg: Config) -> None:
+    from components.inference import EvalMode
+
+    e = cfg.eval
+    try:
+        EvalMode.from_config(e)
+    except ValueError as err:
+        raise ConfigError(f"eval: {err}") from None
+    if e.boundary_width is not None:
+        _check(e.boundary_width >= 1, "eval.boundary_width", "must be >= 1 pixel (or null)")
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """No float in the config is infinite or NaN (`optim.lr=inf` passes `> 0`)."""
+    if is_dataclass(node):
+        items = ((f.name, getattr(node, f.name)) for f in fields(node))
+    elif isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        if isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{prefix}: must be a finite number, got {node}")
+        return
+    for name, value in items:
+        _check_finite(value, f"{prefix}.{name}" if prefix else str(name))
 
 
 def _validate_weakly(cfg: Config) -> None:
@@ -355,6 +393,7 @@ __all__ = [
     "ConfigError",
     "DTIEMConfig",
     "DataConfig",
+    "EvalConfig",
     "MethodConfig",
     "ModelConfig",
     "OptimConfig",

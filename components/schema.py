@@ -209,6 +209,18 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How val is predicted during training and by evaluate.py (components/inference.py)."""
+
+    mode: str = "whole"  # whole | slide (mmseg's sliding window)
+    crop: list[int] | None = None  # slide: [height, width] of a window, e.g. [512, 1024]
+    stride: list[int] | None = None  # slide: [height, width] between windows, each <= crop
+    scales: list[float] = field(default_factory=lambda: [1.0])  # resize factors; logits averaged
+    flip: bool = False  # add the mirrored image (its logits mirrored back)
+    boundary_width: int | None = None  # pixels: also report boundary IoU (None: off)
+
+
+@dataclass
 class TrainerConfig:
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any
@@ -246,3 +258,4 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

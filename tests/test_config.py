@@ -82,6 +82,18 @@ def test_wrong_type_named():
         ("method.weakly.scd_scale=1.5", "method.weakly.scd_scale"),
         ("optim.name=adam", "optim.name"),
         ("optim.head_lr_mult=0", "optim.head_lr_mult"),
+        # Values that passed validation before (issue 26): each ran on into Ray.
+        ("optim.lr=inf", "optim.lr"),
+        ("method.weights.pixel_kd=inf", "method.weights.pixel_kd"),
+        ("teacher.lr=nan", "teacher.lr"),
+        ("trainer.name=..", "trainer.name"),
+        ("trainer.name=.", "trainer.name"),
+        ("trainer.name=a/b", "trainer.name"),
+        ("trainer.progress=fancy", "trainer.progress"),
+        ("eval.mode=slide", "eval"),  # no crop / stride
+        (["eval.mode=slide", "eval.crop=[32,32]", "eval.stride=[64,64]"], "eval stride"),
+        ("eval.scales=[0.0]", "eval scales"),
+        ("eval.boundary_width=0", "eval.boundary_width"),
     ],
 )
 def test_impossible_values_named(override, key):

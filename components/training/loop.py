@@ -24,7 +24,8 @@ from torch import nn
 
 from components.config import Config, from_dict
 from components.distillation.protocol import MethodBase, unwrap
-from components.metrics import miou, pixel_accuracy
+from components.inference import EvalMode
+from components.metrics import boundary_iou, miou, pixel_accuracy
 from components.models.build import build_model
 from components.regimes import LABELED, Regime, regime_of
 from components.training.checkpoint import (
@@ -36,7 +37,7 @@ from components.training.checkpoint import (
 )
 from components.training.core import EpochStats, train_one_epoch
 from components.training.distributed import all_reduce_sum, distributed, mean_terms
-from components.training.evaluation import predict_confusion
+from components.training.evaluation import EvalCounts, evaluate_counts
 from components.training.progress import Bar, iterate
 from components.training.runlog import RunLog, quiet_train_console, val_panels
 from components.training.schedule import Schedule, build_optimizer
@@ -200,21 +201,28 @@ class Streams:
                 pass
 
 
-def evaluate(w: Worker, model: nn.Module) -> torch.Tensor:
-    """The confusion matrix of `model` over the whole val split (summed across workers)."""
-    d = w.cfg.data
+def evaluate(w: Worker, model: nn.Module) -> EvalCounts:
+    """The counts of `model` over the whole val split under `eval` (mode, scales, flip,
+    boundary band), summed across workers."""
+    d, e = w.cfg.data, w.cfg.eval
     batches = ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=d.val_batch_size,
         dtypes=_dtypes(LABELED),
         device=w.device,
         prefetch_batches=d.prefetch_batches,
     )
-    num_classes, ignore_index = w.config["num_classes"], w.config["ignore_index"]
     if w.bars:  # each worker's share of an uneven split is known only for one worker
         total = w.config.get("val_rows") if w.world == 1 else None
         batches = iterate(batches, Bar("val", total, unit="img"), lambda b: len(b["mask"]))
-    confusion = predict_confusion(model, batches, num_classes, ignore_index, w.amp_dtype)
-    return all_reduce_sum(confusion.to(w.device)).cpu()
+    num_classes, ignore_index = w.config["num_classes"], w.config["ignore_index"]
+    mode = EvalMode.from_config(e)
+    counts = evaluate_counts(
+        model, batches, num_classes, ignore_index, w.amp_dtype, mode, e.boundary_width
+    )
+    counts.confusion = all_reduce_sum(counts.confusion.to(w.device)).cpu()
+    if counts.boundary is not None:
+        counts.boundary = all_reduce_sum(counts.boundary.to(w.device)).cpu()
+    return counts
 
 
 def _epoch_totals(w: Worker, stats: EpochStats) -> dict:
@@ -245,7 +253,8 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
     """Evaluate, update the best mIoU; (what the epoch reports, the terms' means). Rank 0 logs
     the evaluation (per-class IoU, image panels) in the run folder."""
     t_eval = time.perf_counter()
-    confusion = evaluate(w, w.method.eval_model())
+    counts = evaluate(w, w.method.eval_model())
+    confusion = counts.confusion
     eval_s = time.perf_counter() - t_eval
     mean_iou, per_class = miou(confusion)
     terms = mean_terms(stats.sums, stats.reported, w.world)
@@ -268,6 +277,8 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
         "bad_rows": totals["bad_rows"],
         "world_size": w.world,
     }
+    if counts.boundary is not None:
+        metrics["boundary_iou"] = boundary_iou(counts.boundary)[0]
     if w.log is not None:
         names = w.config.get("class_names") or [str(k) for k in range(len(per_class))]
         every, epochs = w.cfg.trainer.image_every, w.cfg.trainer.epochs
@@ -385,7 +396,7 @@ def _train(w: Worker) -> None:
         )
     if w.teacher is not None and "teacher_miou" not in w.progress:
         # Once per run, on the workers (the driver may be a CPU-only head node).
-        w.progress["teacher_miou"] = miou(evaluate(w, w.teacher))[0]
+        w.progress["teacher_miou"] = miou(evaluate(w, w.teacher).confusion)[0]
         w.print0(f"teacher val mIoU {100 * w.progress['teacher_miou']:.2f}")
     t = w.cfg.trainer
     for epoch in range(w.progress["epoch"], t.epochs):
@@ -409,6 +420,9 @@ def _train(w: Worker) -> None:
         totals = _epoch_totals(w, stats)
         metrics, terms = _epoch_metrics(w, stats, totals, epoch)
         shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        if "boundary_iou" in metrics:
+            band = w.cfg.eval.boundary_width
+            shown = f"bIoU@{band}px {100 * metrics['boundary_iou']:.2f}  {shown}"
         w.print0(
             f"epoch {epoch + 1}/{t.epochs}: val mIoU {100 * metrics['miou']:.2f}  {shown}  "
             f"{metrics['images_per_s']:.1f} img/s, data wait "

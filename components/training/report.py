@@ -25,6 +25,7 @@ from components.data.shards import resolve_fs, write_atomic
 NOT_TERMS = {
     "epoch", "iteration", "best_miou", "best_epoch", "teacher_miou", "miou", "pixel_acc", "lr",
     "images_per_s", "data_wait_share", "train_s", "eval_s", "bad_rows", "world_size",
+    "boundary_iou",
 }  # fmt: skip
 COLOURS = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),

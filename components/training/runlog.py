@@ -118,7 +118,7 @@ class RunLog:
         per_class: dict[str, float],
         panels: dict[str, np.ndarray] | None = None,
     ) -> None:
-        for key in ("miou", "pixel_acc", "images_per_s", "teacher_miou"):
+        for key in ("miou", "pixel_acc", "boundary_iou", "images_per_s", "teacher_miou"):
             if key in metrics:
                 self.writer.add_scalar(f"val/{key}", metrics[key], iteration)
         for name, value in per_class.items():

@@ -103,7 +103,8 @@ def run_name(cfg: Config, prefix: str | None = None) -> str:
 
     The prefix is the regime's (`distill`, `semisup`, `wsss`) unless given. The trainer section
     is left out (except the seed): more epochs or more workers continue the same run rather than
-    starting a new one.
+    starting a new one. So is the `eval` section: it changes how val is measured, not what is
+    trained (evaluate.py re-measures a finished run under another mode).
     """
     if cfg.trainer.name:
         return cfg.trainer.name
@@ -116,7 +117,9 @@ def run_name(cfg: Config, prefix: str | None = None) -> str:
             cfg.data, prefetch_batches=0, val_batch_size=8, cache_encoded=None
         ),
     )
-    return f"{prefix}-{cfg.method.name}-{cfg.model.backbone}-{fingerprint(key)}"
+    tree = to_dict(key)
+    del tree["eval"]
+    return f"{prefix}-{cfg.method.name}-{cfg.model.backbone}-{fingerprint(tree)}"
 
 
 def teacher_training_config(cfg: Config) -> Config:

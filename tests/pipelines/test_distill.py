@@ -360,9 +360,15 @@ def test_output_is_ours_unless_verbose(ray_session, tiny_data, tiny_overrides, t
 
     # --verbose brings Ray's own output back (Train's report dumps, the worker prefixes); a bar
     # asked for is drawn by this driver from the worker's state (ray.experimental.tqdm_ray).
+    evaluation = ["eval.scales=[0.75,1.0]", "eval.flip=true", "eval.boundary_width=2"]
     again = _run_cli(
-        [*args, "trainer.name=verbose-run", "trainer.progress=bar", "--verbose"], tmp_path
+        [*args, *evaluation, "trainer.name=verbose-run", "trainer.progress=bar", "--verbose"],
+        tmp_path,
     )
     assert any("Reporting training result" in ln for ln in again)
     assert any("RayTrainWorker pid=" in ln for ln in again)
     assert any("epoch 2/2 loss" in ln and "100%" in ln for ln in again), "\n".join(again)
+    # The eval section reaches the workers' evaluation: boundary IoU in every row and line.
+    rows = (tmp_path / "out" / "verbose-run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and all(0 <= json.loads(r)["boundary_iou"] <= 1 for r in rows)
+    assert sum("bIoU@2px" in ln for ln in again) == 2
