@@ -6,6 +6,8 @@
     python pipelines/prepare_data.py voc --root /data/VOCdevkit/.. --out s3://bucket/shards/voc
     python pipelines/prepare_data.py ade20k --root /data/ADEChallengeData2016 --out data/ade20k
     python pipelines/prepare_data.py coco --root /data/coco2014 --out data/coco
+    python pipelines/prepare_data.py folder --images my/images --masks my/masks \
+        --classes my/classes.txt --out data/mine    # your own data (docs/datasets.md)
     python pipelines/prepare_data.py voc --root ... --out data/voc_1464 --labeled-from train_aug \
         --labeled 1464 --seed 0                     # semi-supervised: labeled + unlabeled/ splits
     python pipelines/prepare_data.py verify --out data/cityscapes
@@ -14,6 +16,8 @@ Writes `<out>/<split>/part-NNNNN.parquet` and `<out>/dataset.json` (last). Real 
 converted in parallel (`--workers`), resumably (finished shards are kept; run the same command
 again after an interruption), and bad files are skipped and listed; the command fails when more
 than `--max-bad-fraction` of the items are bad. A complete synthetic dataset is left as it is.
+An `--out` holding anything else than the same conversion (or a synthetic dataset, for
+`synthetic`) is refused; `--overwrite` replaces it, removing only the files a conversion writes.
 """
 
 from __future__ import annotations
@@ -26,9 +30,8 @@ if __package__ in (None, ""):
     import _common  # noqa: F401  (puts the project root on sys.path)
 
 
-def _real_parser(sub, name: str, help: str):
-    p = sub.add_parser(name, help=help)
-    p.add_argument("--root", required=True, help="the dataset folder as distributed")
+def _conversion_options(p) -> None:
+    """The options every converter of files (not `synthetic`) shares."""
     p.add_argument("--out", required=True, help="output folder or URI (s3://, gs://, ...)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--shard-rows", type=int, default=500, help="rows per parquet shard")
@@ -40,9 +43,45 @@ def _real_parser(sub, name: str, help: str):
     p.add_argument("--labeled-from", default="train", help="the split to divide (default train)")
     p.add_argument("--seed", type=int, default=0, help="for --labeled COUNT")
     p.add_argument("--verify", action="store_true", help="re-read and check the result")
+    _overwrite_option(p)
+
+
+def _overwrite_option(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another dataset at --out (only the files a conversion writes "
+                        "are removed; a folder holding other files is refused)")  # fmt: skip
+
+
+def _real_parser(sub, name: str, help: str):
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--root", required=True, help="the dataset folder as distributed")
+    _conversion_options(p)
     if name == "cityscapes":
         p.add_argument("--splits", default="train,val",
                        help="comma-separated; `test` is written without masks")  # fmt: skip
+    return p
+
+
+def _folder_parser(sub):
+    p = sub.add_parser("folder", help="your own images + masks folders (docs/datasets.md)")
+    p.add_argument("--images", required=True, help="folder of JPEG/PNG/WebP images (recursive)")
+    p.add_argument("--masks", required=True,
+                   help="folder of PNG masks mirroring --images: palette or greyscale PNGs of "
+                        "class ids, 255 = ignore")  # fmt: skip
+    p.add_argument(
+        "--classes",
+        required=True,
+        help="class names: a text file (line 1 = class 0) or YAML (list or id: name)",
+    )
+    p.add_argument("--palette", default=None,
+                   help="R,G,B per line (or YAML list); default: the masks' own palette, else "
+                        "the VOC colours")  # fmt: skip
+    p.add_argument("--splits", default=None,
+                   help="train=train.txt,val=val.txt: files of ids (image paths relative to "
+                        "--images, without extension); default: the images/train/ and "
+                        "images/val/ subfolders")  # fmt: skip
+    p.add_argument("--name", default=None, help="the dataset's name (default: --out's last part)")
+    _conversion_options(p)
     return p
 
 
@@ -60,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--size", type=int, default=defaults.size)
     syn.add_argument("--num-classes", type=int, default=defaults.num_classes)
     syn.add_argument("--seed", type=int, default=defaults.seed)
+    _overwrite_option(syn)
     _real_parser(sub, "cityscapes", "Cityscapes (leftImg8bit + gtFine), 19 train ids")
     _real_parser(sub, "voc", "Pascal VOC 2012 (+ SegmentationClassAug), 21 classes")
     _real_parser(sub, "ade20k", "ADE20K SceneParsing (ADEChallengeData2016), 150 classes")
     _real_parser(sub, "coco", "COCO 2014 instances rasterised to 81 classes")
+    _folder_parser(sub)
     ver = sub.add_parser("verify", help="re-read a converted dataset and check it")
     ver.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -79,23 +120,34 @@ def main(argv: list[str] | None = None) -> int:
 
 def _synthetic(args) -> int:
     from components.config import SyntheticConfig
+    from components.data.convert import clear_output, inspect_output
+    from components.data.shards import DatasetError
     from components.data.synthetic import ensure_synthetic
     from pipelines._common import fail
 
     if args.num_classes < 2 or args.size < 16 or args.num_train < 1 or args.num_val < 1:
         return fail("need --num-classes >= 2, --size >= 16, --num-train >= 1, --num-val >= 1")
     start = time.perf_counter()
-    info = ensure_synthetic(
-        args.out,
-        SyntheticConfig(
-            num_train=args.num_train,
-            num_val=args.num_val,
-            num_unlabeled=args.num_unlabeled,
-            size=args.size,
-            num_classes=args.num_classes,
-            seed=args.seed,
-        ),
-    )
+    try:
+        held = inspect_output(args.out)
+        if args.overwrite:
+            clear_output(held)
+        elif held.dataset != "synthetic" and not held.empty:
+            # a synthetic dataset is reused as it is; anything else is not ours to replace
+            raise held.refusal("a synthetic dataset")
+        info = ensure_synthetic(
+            args.out,
+            SyntheticConfig(
+                num_train=args.num_train,
+                num_val=args.num_val,
+                num_unlabeled=args.num_unlabeled,
+                size=args.size,
+                num_classes=args.num_classes,
+                seed=args.seed,
+            ),
+        )
+    except DatasetError as e:
+        return fail(str(e))
     counts = ", ".join(f"{k} {v.rows}" for k, v in info.splits.items())
     print(
         f"{args.out}: {info.name}, {info.num_classes} classes, {counts} "
@@ -104,21 +156,42 @@ def _synthetic(args) -> int:
     return 0
 
 
+def _source(args):
+    """The Source for the command line, and the options that divide its splits differently (part
+    of what makes a rerun the same conversion: another labeled subset would replace this one)."""
+    import os
+
+    from components.data.sources import SOURCES, FolderSource
+    from components.data.sources.folder import parse_split_lists
+
+    options: dict = {}
+    if args.labeled is not None:
+        labeled = args.labeled
+        if os.path.isfile(labeled):
+            labeled = os.path.abspath(labeled)
+        options = {"labeled": labeled, "labeled_from": args.labeled_from, "seed": args.seed}
+    if args.dataset == "folder":
+        lists = parse_split_lists(args.splits) if args.splits is not None else None
+        name = args.name or args.out.rstrip("/").rsplit("/", 1)[-1] or "folder"
+        source = FolderSource(args.images, args.masks, args.classes, args.palette, lists, name)
+        return source, options
+    kwargs = {}
+    if args.dataset == "cityscapes":
+        kwargs["include_splits"] = tuple(s for s in args.splits.split(",") if s)  # adds, keeps
+    return SOURCES[args.dataset](args.root, **kwargs), options
+
+
 def _real(args, fail) -> int:
     import pyarrow as pa
 
     from components.data.convert import bad_summary, convert, labeled_subset
     from components.data.shards import DatasetError
-    from components.data.sources import SOURCES
 
     if args.shard_rows < 1 or not 0 <= args.max_bad_fraction <= 1:
         return fail("need --shard-rows >= 1 and 0 <= --max-bad-fraction <= 1")
-    kwargs = {}
-    if args.dataset == "cityscapes":
-        kwargs["include_splits"] = tuple(s for s in args.splits.split(",") if s)
-    source = SOURCES[args.dataset](args.root, **kwargs)
     start = time.perf_counter()
     try:
+        source, options = _source(args)
         splits = source.splits()
         if args.labeled is not None:
             if args.labeled_from not in splits:
@@ -132,6 +205,8 @@ def _real(args, fail) -> int:
             shard_rows=args.shard_rows,
             max_bad_fraction=args.max_bad_fraction,
             splits=splits,
+            options=options,
+            overwrite=args.overwrite,
         )
     except DatasetError as e:
         return fail(str(e))

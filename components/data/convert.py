@@ -15,6 +15,11 @@ How it works:
   set) are skipped and listed with their reason in the progress record and the final summary.
 - `dataset.json` is removed when a conversion starts work and written last, only when every
   chunk is done and at most `max_bad_fraction` of the items were bad.
+- An output folder is only written into when it is absent, empty, or holds the same conversion
+  (`<out>/_progress/conversion.json`: the source, its input folders and the options that choose
+  the items; see `conversion_identity`). Anything else is refused, naming what the folder holds;
+  `overwrite=True` first removes the files a conversion writes, and refuses when the folder
+  holds any other file (`claim_output`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from components.data.shards import (
 )
 
 PROGRESS = "_progress"
+CONVERSION = "conversion.json"  # in PROGRESS: which conversion the folder holds
 
 
 class BadItem(Exception):
@@ -179,7 +185,8 @@ def _convert_chunk(source: Source, root: str, chunk: Chunk) -> dict:
     fs.create_dir(f"{path}/{PROGRESS}/{chunk.split}", recursive=True)
     if rows["id"]:
         buf = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pydict(rows, schema=SHARD_SCHEMA), buf, row_group_size=64)
+        table = pa.Table.from_pydict(rows, schema=SHARD_SCHEMA)
+        pq.write_table(table, buf, row_group_size=64, write_page_checksum=True)
         write_atomic(fs, f"{folder}/{chunk.name}", buf.getvalue().to_pybytes())
     elif fs.get_file_info(f"{folder}/{chunk.name}").type == pafs.FileType.File:
         fs.delete_file(f"{folder}/{chunk.name}")  # an earlier run's rows: readers take every shard
@@ -207,9 +214,10 @@ def _read_record(fs: pafs.FileSystem, path: str) -> dict | None:
 class _Progress:
     """One line per update on a terminal (rewritten in place), every 10 s otherwise."""
 
-    def __init__(self, label: str, total: int, stream=sys.stderr):
-        self.label, self.total, self.stream = label, total, stream
-        self.tty = stream.isatty()
+    def __init__(self, label: str, total: int, stream=None):
+        # sys.stderr looked up now, not at import: it may have been replaced since (pytest)
+        self.label, self.total, self.stream = label, total, stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.last = time.monotonic()
 
     def update(self, done: int, rows: int, bad: int, final: bool = False) -> None:
@@ -236,13 +244,19 @@ def convert(
     max_bad_fraction: float = 0.0,
     splits: dict[str, list[Item]] | None = None,
     log=print,
+    options: dict | None = None,
+    overwrite: bool = False,
 ) -> Report:
-    """Convert (or finish converting) `source` into `out`; see the module docstring."""
+    """Convert (or finish converting) `source` into `out`; see the module docstring.
+
+    `options`: what the caller chose that divides the items differently (a labeled subset),
+    part of the conversion's identity. `overwrite`: replace a different dataset at `out`.
+    """
     if shard_rows < 1:
         raise ValueError("shard_rows must be >= 1")
     splits = source.splits() if splits is None else splits
+    claim_output(out, conversion_identity(source, options), overwrite)
     fs, path = resolve_fs(out)
-    fs.create_dir(path, recursive=True)
     report = Report()
     plan: dict[str, list[Chunk]] = {}
     for split, items in splits.items():
@@ -350,6 +364,155 @@ def _stale(fs: pafs.FileSystem, folder: str, progress: str, chunks: int) -> list
     return found
 
 
+# ----------------------------------------------------------------------------------------------
+# The output folder: never replace another dataset by accident
+
+
+def conversion_identity(source: Source, options: dict | None = None) -> dict:
+    """What makes two runs the same conversion: the source kind, its inputs (a source's own
+    `identity()` when it has one, else its absolute `root`) and the item-choosing `options`.
+    Workers, shard size and the bad-item tolerance are not part of it: changing them resumes."""
+    own = source.identity() if hasattr(source, "identity") else {"root": _absolute(source.root)}
+    ident = {"dataset": source.name, **own, "options": options or {}}
+    return json.loads(json.dumps(ident, sort_keys=True))  # tuples -> lists, as read back
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _ours(rel: str, is_dir: bool) -> bool:
+    """Whether a path (relative to an output folder) is one the shard writers write there:
+    dataset.json, split folders of part-*.parquet, the progress records, and their temp files."""
+    parts = rel.split("/")
+    if is_dir:
+        return len(parts) == 1 or (len(parts) == 2 and parts[0] == PROGRESS)
+    name = parts[-1]
+    if len(parts) == 1:
+        return name == MANIFEST or fnmatch(name, f".{MANIFEST}.tmp-*")
+    if parts[0] == PROGRESS:
+        if len(parts) == 2:
+            return name == CONVERSION or fnmatch(name, f".{CONVERSION}.tmp-*")
+        return len(parts) == 3 and (
+            fnmatch(name, "part-*.parquet.json") or fnmatch(name, ".part-*.parquet.json.tmp-*")
+        )
+    return len(parts) == 2 and (fnmatch(name, SHARD_PATTERN) or fnmatch(name, ".part-*.tmp*"))
+
+
+@dataclass
+class OutputFolder:
+    """What an output folder holds, read without changing it (`inspect_output`)."""
+
+    out: str  # as the user wrote it, for messages
+    files: list[str]  # files the shard writers write (filesystem paths), deepest last
+    folders: list[str]  # their folders (filesystem paths)
+    foreign: list[str]  # anything else, relative to the folder
+    dataset: str | None  # dataset.json's `name` ("?" when unreadable), None without one
+    conversion: dict | None  # _progress/conversion.json, None without one
+
+    @property
+    def empty(self) -> bool:
+        return not (self.files or self.foreign)
+
+    def describe(self) -> str:
+        """What is there, in words: the dataset's name and where it was converted from."""
+        parts = []
+        if self.dataset is not None:
+            parts.append(f"the dataset '{self.dataset}' ({MANIFEST})")
+        if self.conversion is not None:
+            parts.append(_describe_conversion(self.conversion, finished=self.dataset is not None))
+        if not parts and self.files:
+            parts.append(f"dataset files without {MANIFEST} (an unfinished dataset)")
+        if self.foreign:
+            parts.append(f"other files (e.g. '{self.foreign[0]}')")
+        return " and ".join(parts)
+
+    def refusal(self, wanted: str) -> DatasetError:
+        """The error for a folder that holds something other than `wanted`."""
+        return DatasetError(
+            f"{self.out}: holds {self.describe()}, not {wanted}; refusing to replace it: pass "
+            "--overwrite to replace it, or choose another --out"
+        )
+
+
+def _describe_conversion(record: dict, finished: bool) -> str:
+    """'a conversion of voc from root /data' (+ its options, + unfinished) for messages."""
+    inputs = ", ".join(
+        f"{k} {v}" for k, v in record.items() if k not in ("dataset", "options") and v
+    )
+    text = f"a conversion of {record.get('dataset', '?')}"
+    if inputs:
+        text += f" from {inputs}"
+    if record.get("options"):
+        text += f" with options {json.dumps(record['options'], sort_keys=True)}"
+    return text if finished else f"{text}, unfinished (no {MANIFEST})"
+
+
+def inspect_output(out: str) -> OutputFolder:
+    """Read what `out` holds; raises DatasetError when it is a file or cannot be listed."""
+    fs, path = resolve_fs(out)
+    kind = fs.get_file_info(path).type
+    state = OutputFolder(out, [], [], [], None, None)
+    if kind == pafs.FileType.NotFound:
+        return state
+    if kind != pafs.FileType.Directory:
+        raise DatasetError(f"{out}: exists and is not a folder; choose another --out")
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as e:
+        raise DatasetError(f"{out}: cannot list the folder: {e}") from e
+    for info in sorted(entries, key=lambda i: i.path):
+        rel = info.path[len(path) :].lstrip("/")
+        is_dir = info.type == pafs.FileType.Directory
+        if not _ours(rel, is_dir):
+            state.foreign.append(rel + ("/" if is_dir else ""))
+        else:
+            (state.folders if is_dir else state.files).append(info.path)
+    if f"{path}/{MANIFEST}" in state.files:
+        record = _read_record(fs, f"{path}/{MANIFEST}")
+        state.dataset = str(record.get("name", "?")) if isinstance(record, dict) else "?"
+    if f"{path}/{PROGRESS}/{CONVERSION}" in state.files:
+        record = _read_record(fs, f"{path}/{PROGRESS}/{CONVERSION}")
+        state.conversion = record if isinstance(record, dict) else {"dataset": "?"}
+    return state
+
+
+def clear_output(state: OutputFolder) -> None:
+    """Remove the files the shard writers wrote in a folder (`inspect_output`), only those:
+    a folder holding anything else is refused, naming one such entry."""
+    if state.foreign:
+        raise DatasetError(
+            f"{state.out}: holds files this project does not write (e.g. '{state.foreign[0]}'); "
+            "not removing anything, even with --overwrite: choose another --out, or move those "
+            "files away yourself"
+        )
+    fs, _ = resolve_fs(state.out)
+    for p in state.files:
+        fs.delete_file(p)
+    for p in sorted(state.folders, key=len, reverse=True):  # deepest first: they are empty now
+        fs.delete_dir(p)
+
+
+def claim_output(out: str, identity: dict, overwrite: bool = False) -> None:
+    """Make `out` ready for the conversion `identity` (`conversion_identity`), or refuse.
+
+    Accepted as it is: no folder, an empty one, or one holding this same conversion (to resume
+    or redo it). Anything else (another dataset, another source folder, other options, files
+    that are no dataset) raises DatasetError naming the folder and what it holds, unless
+    `overwrite`: then `clear_output` removes the old dataset's files first. The identity is
+    recorded before any shard is written, so an interrupted run is recognised next time.
+    """
+    state = inspect_output(out)
+    same = state.conversion == identity
+    if not state.empty and (overwrite or not same):
+        if not overwrite:
+            raise state.refusal(f"this conversion ({identity['dataset']})")
+        clear_output(state)
+    fs, path = resolve_fs(out)
+    fs.create_dir(f"{path}/{PROGRESS}", recursive=True)
+    write_atomic(fs, f"{path}/{PROGRESS}/{CONVERSION}", json.dumps(identity, indent=2).encode())
+
+
 def bad_summary(report: Report, limit: int = 50) -> str:
     lines = [f"{len(report.bad)} of {report.items} items skipped:"]
     lines += [f"  {split}/{item}: {reason}" for split, item, reason in report.bad[:limit]]
@@ -361,13 +524,18 @@ def bad_summary(report: Report, limit: int = 50) -> str:
 __all__ = [
     "BadItem",
     "Item",
+    "OutputFolder",
     "Report",
     "Sample",
     "Source",
     "bad_summary",
     "check_mask",
+    "claim_output",
+    "clear_output",
+    "conversion_identity",
     "convert",
     "image_size",
+    "inspect_output",
     "labeled_subset",
     "read_file",
 ]

@@ -11,14 +11,19 @@
 
 `root` is a local folder or a URI understood by `pyarrow.fs.FileSystem.from_uri` (s3://, gs://,
 file://, ...). A shard is written under a temporary name and renamed, so a reader never sees a
-half-written `part-*.parquet`. The image/mask byte codecs (`encode_png`, `decode_image`,
-`decode_mask`, `mask_labels`) live in images.py and are re-exported here.
+half-written `part-*.parquet`. Shards carry parquet page checksums (CRC-32 per page) and are
+read with verification, so bytes corrupted at rest are detected instead of decoding into wrong
+pixels; a corrupted `image`/`mask` page costs only its rows (see `read_shard_table`). Shards
+written before checksums were added read as before (pages without a CRC are not checked).
+The image/mask byte codecs (`encode_png`, `decode_image`, `decode_mask`, `mask_labels`,
+`check_png_crcs`) live in images.py and are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,7 +34,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from components.data.images import decode_image, decode_mask, encode_png, mask_labels
+from components.data.images import (
+    check_png_crcs,
+    decode_image,
+    decode_mask,
+    encode_png,
+    mask_labels,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -48,6 +59,11 @@ SHARD_SCHEMA = pa.schema(
 )
 MANIFEST = "dataset.json"
 SHARD_PATTERN = "part-*.parquet"
+# Row-group-level salvage: cells of these columns in a page that fails its checksum become empty
+# bytes, which every decoder rejects, so their rows are counted as bad rows (`valid` False).
+SALVAGEABLE = ("image", "mask")
+
+log = logging.getLogger("segdistill.data")
 
 
 class DatasetError(ValueError):
@@ -281,7 +297,9 @@ class ShardWriter:
         tmp = f"{self.dir}/.{name}.tmp"
         try:
             with self.fs.open_output_stream(tmp) as f:
-                pq.write_table(table, f, row_group_size=self.row_group_rows)
+                pq.write_table(
+                    table, f, row_group_size=self.row_group_rows, write_page_checksum=True
+                )
         except BaseException:
             with contextlib.suppress(OSError):
                 self.fs.delete_file(tmp)
@@ -326,22 +344,42 @@ def list_shards(root: str, split: str) -> list[str]:
 
 
 def iter_shard_tables(
-    root: str, split: str, columns: list[str] | None = None
+    root: str, split: str, columns: list[str] | None = None, problems: list[str] | None = None
 ) -> Iterator[tuple[str, pa.Table]]:
-    """(shard, table) for every shard of a split, one at a time (in shard order). A shard
-    without one of `columns` raises DatasetError naming the shard, the column and what it has."""
-    fs, root_path = resolve_fs(root)
+    """(shard, table) for every shard of a split, one at a time (in shard order); see
+    `read_shard_table` for the checks and for `problems`."""
     for shard in list_shards(root, split):
-        path = f"{root_path}/{split}/{shard.rsplit('/', 1)[-1]}"
-        try:
-            table = pq.read_table(path, columns=columns, filesystem=fs)
-        except (pa.ArrowException, OSError) as e:
-            names = _schema_names(path, fs)
-            absent = [c for c in columns or [] if names is not None and c not in names]
-            if absent:
-                raise DatasetError(f"{shard}: no '{absent[0]}' column (has {names})") from e
-            raise DatasetError(f"{shard}: cannot read shard: {e}") from e
-        yield shard, table
+        yield shard, read_shard_table(root, split, shard, columns, problems)
+
+
+def read_shard_table(
+    root: str,
+    split: str,
+    shard: str,
+    columns: list[str] | None = None,
+    problems: list[str] | None = None,
+) -> pa.Table:
+    """One shard (a path from `list_shards`), its page checksums verified.
+
+    A shard without one of `columns` raises DatasetError naming the shard, the column and what
+    it has; so does one that cannot be read at all. When only `image`/`mask` pages fail their
+    checksum, the shard is read row group by row group and the cells of each failing column in
+    a failing row group become empty bytes: those rows then count as bad rows when decoded (the
+    same path as any undecodable file), and the rest of the shard is used. Each such loss is
+    logged and, when `problems` is a list, appended to it.
+    """
+    fs, root_path = resolve_fs(root)
+    path = f"{root_path}/{split}/{shard.rsplit('/', 1)[-1]}"
+    try:
+        return pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as e:
+        if _checksum_failed(e):
+            return _salvage(path, fs, shard, columns, problems)
+        names = _schema_names(path, fs)
+        absent = [c for c in columns or [] if names is not None and c not in names]
+        if absent:
+            raise DatasetError(f"{shard}: no '{absent[0]}' column (has {names})") from e
+        raise DatasetError(f"{shard}: cannot read shard: {e}") from e
 
 
 def _schema_names(path: str, fs: pafs.FileSystem) -> list[str] | None:
@@ -351,14 +389,66 @@ def _schema_names(path: str, fs: pafs.FileSystem) -> list[str] | None:
         return None
 
 
+def _checksum_failed(e: Exception) -> bool:
+    # pyarrow raises a plain OSError; its message is the only way to tell a bad page checksum
+    return "checksum verification failed" in str(e).lower()
+
+
+def _salvage(
+    path: str,
+    fs: pafs.FileSystem,
+    shard: str,
+    columns: list[str] | None,
+    problems: list[str] | None,
+) -> pa.Table:
+    """Read a shard with corrupted pages row group by row group (see `read_shard_table`)."""
+    try:
+        f = pq.ParquetFile(path, filesystem=fs, page_checksum_verification=True)
+        schema = f.schema_arrow
+        names = list(columns or schema.names)
+        fields = [schema.field(n) for n in names]
+    except (pa.ArrowException, OSError, KeyError) as e:
+        raise DatasetError(f"{shard}: cannot read shard: {e}") from e
+    parts, first_row = [], 0
+    for g in range(f.num_row_groups):
+        rows = f.metadata.row_group(g).num_rows
+        try:
+            parts.append(f.read_row_group(g, columns=names))
+        except (pa.ArrowException, OSError):
+            arrays, lost = [], []
+            for name in names:
+                try:
+                    arrays.append(f.read_row_group(g, columns=[name]).column(0))
+                except (pa.ArrowException, OSError) as e:
+                    if name not in SALVAGEABLE or not _checksum_failed(e):
+                        raise DatasetError(
+                            f"{shard}: corrupted (column '{name}', row group {g}: {e}); "
+                            "convert or copy the dataset again"
+                        ) from e
+                    arrays.append(pa.chunked_array([pa.array([b""] * rows, pa.binary())]))
+                    lost.append(name)
+            note = (
+                f"{shard}: rows {first_row}..{first_row + rows - 1} (row group {g}): "
+                f"{'/'.join(lost)} page checksum mismatch, these rows are bad"
+            )
+            log.warning("%s", note)
+            if problems is not None:
+                problems.append(note)
+            parts.append(pa.Table.from_arrays(arrays, schema=pa.schema(fields)))
+        first_row += rows
+    return pa.concat_tables(parts) if parts else schema.empty_table().select(names)
+
+
 def read_shard_tables(root: str, split: str, columns: list[str] | None = None) -> list[pa.Table]:
     """Every shard of a split as its own in-memory table (in shard order)."""
     return [table for _, table in iter_shard_tables(root, split, columns)]
 
 
-def read_split_table(root: str, split: str, columns: list[str] | None = None) -> pa.Table:
+def read_split_table(
+    root: str, split: str, columns: list[str] | None = None, problems: list[str] | None = None
+) -> pa.Table:
     """A whole split in memory — for tests and small evaluations, not for training ingest."""
-    return pa.concat_tables(read_shard_tables(root, split, columns))
+    return pa.concat_tables(table for _, table in iter_shard_tables(root, split, columns, problems))
 
 
 __all__ = [
@@ -367,11 +457,13 @@ __all__ = [
     "DatasetInfo",
     "ShardWriter",
     "SplitInfo",
+    "check_png_crcs",
     "decode_image",
     "decode_mask",
     "encode_png",
     "list_shards",
     "mask_labels",
+    "read_shard_table",
     "read_split_table",
     "resolve_fs",
 ]

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 
+import pyarrow as pa
+
 from components.data.shards import (
+    SHARD_SCHEMA,
+    DatasetError,
     DatasetInfo,
     decode_image,
     decode_mask,
     list_shards,
     mask_labels,
-    read_split_table,
+    read_shard_table,
 )
 
 
@@ -19,7 +23,9 @@ def verify(root: str, log=print) -> list[str]:
 
     Checks dataset.json, that each split's shards hold the recorded row count, that every image
     and mask decodes with the recorded size, and that mask ids are in [0, num_classes) or the
-    ignore index, and image_labels agree with the mask."""
+    ignore index, and image_labels agree with the mask. Shards are read with their page
+    checksums verified and images with their PNG CRCs, so corrupted bytes are reported (a shard
+    that cannot be read at all is one problem; the other shards are still checked)."""
     problems: list[str] = []
     info = DatasetInfo.load(root)
     for split, s in info.splits.items():
@@ -27,7 +33,13 @@ def verify(root: str, log=print) -> list[str]:
         names = sorted(os.path.basename(p) for p in shards)
         if names != sorted(s.shards):
             problems.append(f"{split}: shards on disk {names} differ from dataset.json {s.shards}")
-        table = read_split_table(root, split)
+        tables = []
+        for shard in shards:
+            try:
+                tables.append(read_shard_table(root, split, shard, problems=problems))
+            except DatasetError as e:
+                problems.append(str(e))
+        table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
         if table.num_rows != s.rows:
             problems.append(f"{split}: {table.num_rows} rows, dataset.json says {s.rows}")
         allowed = set(range(info.num_classes)) | {info.ignore_index}
