@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from components.schema import (
     REFINEMENTS,
     RESNETS,
     STRONG_AUGMENTATIONS,
+    SYNTHETIC_ROOTS,
     AdversarialConfig,
     CDMConfig,
     CIRKDConfig,
@@ -343,8 +345,23 @@ def from_dict(d: dict) -> Config:
     names are moved to their new places without a warning)."""
     base = OmegaConf.structured(Config())
     open_weight_maps(base)
-    merged = OmegaConf.merge(base, OmegaConf.create(rename_keys(json.loads(json.dumps(d)))))
+    tree = _as_data(rename_keys(json.loads(json.dumps(d))))
+    merged = OmegaConf.merge(base, OmegaConf.create(tree))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def _as_data(node: Any) -> Any:
+    """Strings kept literal: a `${...}` in a stored config (a checkpoint's meta.json, which
+    anyone who can write the storage can edit) is not an OmegaConf interpolation to resolve,
+    such as `${oc.env:SECRET}`. The configs a run stores are already resolved (`to_dict`)."""
+    if isinstance(node, dict):
+        return {k: _as_data(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_as_data(v) for v in node]
+    if isinstance(node, str) and "${" in node:
+        # OmegaConf's escape is `\${`; backslashes right before it are doubled to stay literal.
+        return re.sub(r"(\\*)\$\{", lambda m: 2 * m.group(1) + "\\${", node)
+    return node
 
 
 def to_yaml(cfg: Config) -> str:
@@ -386,6 +403,7 @@ __all__ = [
     "RENAMED",
     "RESNETS",
     "STRONG_AUGMENTATIONS",
+    "SYNTHETIC_ROOTS",
     "AdversarialConfig",
     "CDMConfig",
     "CIRKDConfig",

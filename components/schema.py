@@ -33,10 +33,17 @@ class SyntheticConfig:
     seed: int = 0
 
 
+# The roots of the pipelines' embedded defaults (distill, semisup, wsss), generated on first use.
+SYNTHETIC_ROOTS = ("data/synthetic", "data/synthetic_semisup", "data/synthetic_wsss")
+
+
 @dataclass
 class DataConfig:
     root: str = "data/synthetic"  # folder (or URI) holding dataset.json and one folder per split
-    generate_synthetic: bool = True  # make the synthetic dataset at `root` when it is absent
+    # Make the synthetic dataset at `root` when it is absent. None: only at the embedded
+    # defaults' own roots (SYNTHETIC_ROOTS), so a mistyped `data.root` is an error, not a new
+    # synthetic dataset; true: at any root; false: never.
+    generate_synthetic: bool | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     train_split: str = "train"
     val_split: str = "val"

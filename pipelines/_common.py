@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -81,6 +82,7 @@ def run_pipeline(
 
     from components.data.shards import DatasetError
     from components.training.checkpoint import CheckpointError
+    from components.training.runlock import RunFolderBusy
     from components.training.storage import check_writable
     from components.training.trainer import failure_message, prepare_dataset, storage_of
 
@@ -89,16 +91,27 @@ def run_pipeline(
         check_writable(storage_of(cfg))  # before Ray starts or anything is trained
     except ConfigError as e:
         return fail(str(e))
-    init_ray()
     try:
-        info = prepare_dataset(cfg)
+        info = prepare_dataset(cfg)  # checked before Ray starts (a typo costs no start-up)
+        init_ray()
         report = execute(cfg, info, args)
-    except (ConfigError, DatasetError, CheckpointError) as e:
+    except (ConfigError, DatasetError, CheckpointError, RunFolderBusy) as e:
         return fail(str(e))
     except ray.train.TrainingFailedError as e:
-        return fail(f"training failed: {failure_message(e)}", code=1)
+        return fail(f"training failed: {failure_message(e)}{RESUME_HINT}", code=1)
+    except KeyboardInterrupt:
+        command = " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+        print(
+            f"\ninterrupted; the run keeps its last checkpoint. To resume: python {command}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
     print(f"\n{report}\n  wall time {time.perf_counter() - start:.0f} s", flush=True)
     return 0
+
+
+RESUME_HINT = "\nthe run keeps its last complete checkpoint: the same command resumes from it"
 
 
 def quiet_environment(verbose: bool) -> None:
@@ -151,22 +164,49 @@ def _ray_data_logging_config() -> str:
 
 
 def init_ray(dashboard: bool = True) -> None:
-    """Connect to the cluster of RAY_ADDRESS / the submitted job / a local `ray start`, or else
-    start a local instance sized by Ray from this machine.
+    """Connect to the cluster named by RAY_ADDRESS (set by `ray job submit` for its jobs) or
+    recorded by `ray start` on this machine by this user; otherwise start a private local
+    instance. Never Ray's `address="auto"`, which also joins any other Ray instance it finds
+    among the machine's processes (another user's, or another run's private one, which then
+    takes this run down when its driver exits).
 
     The local instance has its dashboard (on 127.0.0.1 only): Ray Train's placement-group
     cleaner asks the dashboard's State API whether a run's controller is still alive. Without an
     answer it logs a warning every second for the whole run, and the workers' placement group of
     every trial that Tune stops (ASHA, or at its last epoch) stays reserved until the sweep
-    ends, so later trials wait for ever for the CPUs it holds."""
+    ends, so later trials wait for ever for the CPUs it holds. Ray binds its other ports on all
+    interfaces (it replaces 127.0.0.1 by the machine's address itself); Ray 2.60's token
+    authentication, on by default, refuses clients without this user's token."""
     import ray
 
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS") or recorded_cluster()
+    if address:
+        ray.init(address=address)
+        print(f"ray: connected to the cluster at {address}", flush=True)
+        return
+    start_local_ray(include_dashboard=dashboard, dashboard_host="127.0.0.1")
+
+
+def recorded_cluster() -> str | None:
+    """The address of a cluster `ray start` started on this machine, from Ray's own record,
+    when this user wrote the record and the cluster's GCS still answers (a stale record, left
+    by a cluster that died, is ignored)."""
+    import socket
+
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
-    except ConnectionError:
-        start_local_ray(include_dashboard=dashboard, dashboard_host="127.0.0.1")
+        if path.stat().st_uid != os.getuid():
+            return None  # another user's cluster
+        address = path.read_text().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return address
+    except (OSError, ValueError):
+        return None
 
 
 def start_local_ray(attempts: int = 3, **kwargs) -> None:

@@ -21,6 +21,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from components.config import (
+    SYNTHETIC_ROOTS,
     Config,
     ConfigError,
     MethodConfig,
@@ -52,6 +53,7 @@ from components.training.resources import (
     run_request,
     wait_for_resources,
 )
+from components.training.runlock import run_lock
 from components.training.storage import absolute_storage, finished_uri_checkpoint, is_uri, join
 
 
@@ -71,12 +73,30 @@ class Outcome:
     reused: bool = False  # the run had already finished; nothing was trained
 
 
+def may_generate(d) -> bool:
+    """`data.generate_synthetic`, where None means: only at an embedded default's own root."""
+    if d.generate_synthetic is not None:
+        return d.generate_synthetic
+    return Path(d.root).as_posix().removeprefix("./").rstrip("/") in SYNTHETIC_ROOTS
+
+
 def prepare_dataset(cfg: Config) -> DatasetInfo:
     d = cfg.data
-    if d.generate_synthetic and not _exists(d.root):
-        info = ensure_synthetic(d.root, d.synthetic)
-    else:
-        info = DatasetInfo.load(d.root)
+    if not _exists(d.root):
+        if may_generate(d):
+            return _checked(cfg, ensure_synthetic(d.root, d.synthetic))
+        if d.generate_synthetic is None:  # not asked to generate: the root was meant to exist
+            raise ConfigError(
+                f"'data.root': {d.root} holds no dataset (no dataset.json). Convert one there "
+                "with pipelines/prepare_data.py (docs/datasets.md), or set "
+                "data.generate_synthetic=true to make the synthetic dataset there"
+            )
+    return _checked(cfg, DatasetInfo.load(d.root))
+
+
+def _checked(cfg: Config, info: DatasetInfo) -> DatasetInfo:
+    """The dataset fits the config: class count, splits with shards, a batch per worker."""
+    d = cfg.data
     validate_against_dataset(cfg, info.num_classes, f"{d.root}/dataset.json")
     for split in (d.train_split, d.val_split):
         if split not in info.splits:
@@ -85,6 +105,17 @@ def prepare_dataset(cfg: Config) -> DatasetInfo:
                 f"{d.root}/dataset.json has no split '{split}' (has {sorted(info.splits)})"
             )
         list_shards(d.root, split)  # raises naming the folder when missing or empty
+    rows = info.splits[d.train_split].rows
+    if d.labeled_count is not None:
+        rows = min(rows, d.labeled_count)
+    workers = cfg.trainer.num_workers
+    if rows * d.train_repeat < workers * d.batch_size:
+        raise ConfigError(
+            f"'data.batch_size': split '{d.train_split}' of {d.root} has {rows} rows"
+            f"{' used' if d.labeled_count is not None else ''}: too few for "
+            f"trainer.num_workers={workers} x data.batch_size={d.batch_size} (need at least "
+            f"{workers * d.batch_size}); lower data.batch_size or trainer.num_workers"
+        )
     return info
 
 
@@ -112,9 +143,13 @@ def run_name(cfg: Config, prefix: str | None = None) -> str:
     key = dataclasses.replace(
         cfg,
         trainer=dataclasses.replace(Config().trainer, seed=cfg.trainer.seed),
-        # Speed knobs do not change what is trained.
+        # Speed knobs do not change what is trained (nor whether the data was generated).
         data=dataclasses.replace(
-            cfg.data, prefetch_batches=0, val_batch_size=8, cache_encoded=None
+            cfg.data,
+            prefetch_batches=0,
+            val_batch_size=8,
+            cache_encoded=None,
+            generate_synthetic=True,
         ),
     )
     tree = to_dict(key)
@@ -232,6 +267,26 @@ def _resumable(cfg: Config, name: str) -> str | None:
     return None if folder is None else str(folder)
 
 
+def _check_same_run(cfg: Config, name: str) -> None:
+    """A run folder that holds checkpoints of another model or method (a reused
+    `trainer.name`) is refused before Ray starts its workers, naming what differs."""
+    found = _resumable(cfg, name)
+    if found is None:
+        return
+    saved = from_dict(read_meta(found).get("config", {}))
+    for key in ("model", "method.name"):
+        section, _, leaf = key.partition(".")
+        old, new = getattr(saved, section), getattr(cfg, section)
+        if leaf:
+            old, new = getattr(old, leaf), getattr(new, leaf)
+        if old != new:
+            raise ConfigError(
+                f"'trainer.name': the run folder {join(storage_of(cfg), name)} holds "
+                f"checkpoints of another config ({key}: {old} there, {new} here); choose another "
+                "trainer.name, or delete that folder to start this run fresh"
+            )
+
+
 def build_trainer(
     cfg: Config,
     info: DatasetInfo,
@@ -311,12 +366,14 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
     A run that already reached `trainer.epochs` is not started again: its last checkpoint is
     returned (so re-running a finished command prints its results in seconds)."""
     start = time.perf_counter()
-    done = finished_checkpoint(storage_of(cfg), name, cfg.trainer.epochs)
-    if done is not None:
-        metrics = read_meta(done).get("metrics", {})
-        return Outcome(name, metrics, str(done), time.perf_counter() - start, reused=True)
-    wait_for_resources(_request(cfg), cfg.trainer.resource_wait_s)
-    result = build_trainer(cfg, info, name, teacher).fit()
+    with run_lock(join(storage_of(cfg), name)):  # the same command started twice: refused
+        done = finished_checkpoint(storage_of(cfg), name, cfg.trainer.epochs)
+        if done is not None:
+            metrics = read_meta(done).get("metrics", {})
+            return Outcome(name, metrics, str(done), time.perf_counter() - start, reused=True)
+        _check_same_run(cfg, name)
+        wait_for_resources(_request(cfg), cfg.trainer.resource_wait_s)
+        result = build_trainer(cfg, info, name, teacher).fit()
     checkpoint = result.checkpoint
     metrics = dict(result.metrics or {})
     folder = None
@@ -371,6 +428,12 @@ def _report_file(cfg: Config, outcome: Outcome) -> None:
 def failure_message(error: BaseException) -> str:
     """The worker's own error line out of a Ray Train failure (not Ray's traceback)."""
     text = str(error)
+    if "worker process has died" in text or "ActorDiedError" in text:
+        cause = " (the system's out-of-memory killer, by Ray's account)" if "OOM" in text else ""
+        return (
+            f"a training worker process died{cause}; nothing was lost past the last checkpoint. "
+            "Lower data.batch_size or data.crop_size if memory ran out"
+        )
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for marker in ("BadDataError:", "CheckpointError:", "DatasetError:", "ValueError:", "Error:"):
         hits = [ln for ln in lines if marker in ln]

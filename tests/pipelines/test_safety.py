@@ -1,0 +1,153 @@
+"""Safe by default (issue 26): a private Ray, one process per run folder, no silent synthetic
+data, errors that name the key, stored configs read as data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from components.config import Config, ConfigError, from_dict, to_dict
+from components.training import trainer
+from components.training.checkpoint import save_checkpoint
+from components.training.runlock import LOCK_FILE, RunFolderBusy, run_lock
+from pipelines import _common, distill
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_a_mistyped_data_root_is_an_error_not_a_synthetic_dataset(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(_common, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    typo = tmp_path / "data" / "synthetc"
+    assert distill.main([f"data.root={typo}", f"trainer.storage_path={tmp_path}/out"]) == 2
+    err = capsys.readouterr().err
+    assert "'data.root'" in err and str(typo) in err and "prepare_data.py" in err
+    assert not typo.exists()  # nothing generated there
+
+
+def test_only_the_embedded_roots_are_generated_unless_asked():
+    from components.config import DataConfig
+
+    assert trainer.may_generate(DataConfig())  # data/synthetic, the default's own root
+    assert trainer.may_generate(DataConfig(root="./data/synthetic_wsss/"))
+    assert not trainer.may_generate(DataConfig(root="data/my_data"))
+    assert trainer.may_generate(DataConfig(root="data/my_data", generate_synthetic=True))
+    assert not trainer.may_generate(DataConfig(generate_synthetic=False))
+
+
+def test_a_batch_bigger_than_the_split_names_the_keys_before_ray(
+    tiny_data, tiny_overrides, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(_common, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    args = tiny_overrides(tiny_data, str(tmp_path / "out"), **{"data.batch_size": "100000"})
+    assert distill.main(args) == 2
+    err = capsys.readouterr().err
+    assert "'data.batch_size'" in err and "48 rows" in err and "trainer.num_workers=1" in err
+
+
+def test_a_stored_config_is_data_not_interpolations(monkeypatch):
+    monkeypatch.setenv("SEGD_TEST_SECRET", "hunter2")
+    stored = to_dict(Config())
+    stored["model"]["pretrained"] = "${oc.env:SEGD_TEST_SECRET}"
+    stored["trainer"]["storage_path"] = "s3://b/${x}/c\\${y}"
+    cfg = from_dict(stored)
+    assert cfg.model.pretrained == "${oc.env:SEGD_TEST_SECRET}"  # not "hunter2"
+    assert cfg.trainer.storage_path == "s3://b/${x}/c\\${y}"
+
+
+def test_the_same_run_started_twice_is_refused(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import sys, time
+                sys.path.insert(0, {str(ROOT)!r})
+                from components.training.runlock import run_lock
+                with run_lock({str(run)!r}):
+                    print("held", flush=True)
+                    time.sleep(60)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=f"in use by PID {holder.pid}"):
+            with run_lock(str(run)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder killed with -9: the lock is stale and taken over; released at the end.
+    with run_lock(str(run)):
+        assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (run / LOCK_FILE).exists()
+
+
+def test_a_reused_run_name_with_another_model_is_named(tmp_path):
+    cfg = Config()
+    cfg.trainer.storage_path = str(tmp_path)
+    other = to_dict(cfg)
+    other["model"]["backbone"] = "resnet101"
+    meta = {"config": other, "progress": {"epoch": 1, "iteration": 5}}
+    save_checkpoint(tmp_path / "mine" / "epoch_0001", {}, {"x": 1}, meta)
+    with pytest.raises(ConfigError, match=r"'trainer.name'.*another config.*resnet101"):
+        trainer._check_same_run(cfg, "mine")
+    trainer._check_same_run(cfg, "fresh")  # no folder: nothing to compare
+
+
+def test_a_dead_worker_is_explained():
+    text = (
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+        "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR "
+        "... OOM ..."
+    )
+    message = trainer.failure_message(RuntimeError(text))
+    assert message.startswith("a training worker process died")
+    assert "out-of-memory" in message and "data.batch_size" in message
+
+
+def test_ctrl_c_prints_the_command_that_resumes(tiny_data, tiny_overrides, tmp_path, capsys,
+                                                monkeypatch):  # fmt: skip
+    from components.regimes import SUPERVISED
+
+    monkeypatch.setattr(_common, "init_ray", lambda *a, **k: None)
+
+    def interrupted(cfg, info, args):
+        raise KeyboardInterrupt
+
+    args = tiny_overrides(tiny_data, str(tmp_path / "out"))
+    assert _common.run_pipeline(SUPERVISED, args, "doc", interrupted) == 130
+    err = capsys.readouterr().err
+    assert "To resume: python" in err and f"data.root={tiny_data}" in err
+
+
+@pytest.mark.slow
+def test_a_run_never_joins_another_ray_instance(ray_session, tmp_path):
+    """The session's instance is a stranger here: Ray's "auto" would have joined it (it scans
+    the machine's processes); init_ray starts a private one."""
+    session = ray_session.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import ray
+        from pipelines._common import init_ray
+        init_ray(dashboard=False)
+        print("gcs", ray.get_runtime_context().gcs_address, flush=True)
+        ray.shutdown()
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("gcs ")][-1]
+    assert line.split()[1] != session
