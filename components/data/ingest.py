@@ -10,10 +10,13 @@ split across workers. Each epoch is one execution of the pipeline.
   (`data.cache_encoded`, default: auto, under 20% of it), the driver reads the encoded rows once
   (pyarrow, one block per shard) into the object store; every epoch then only re-runs decode +
   augment. Re-listing and re-reading the files each epoch costs tens of seconds on a small
-  machine, which the cache removes; large datasets are streamed from storage every epoch.
-- **Shuffle.** Streamed: a different, deterministic file order each epoch
-  (`FileShuffleConfig(seed, reseed_after_execution=True)`); cached: the block order is
-  re-randomised each epoch the same way (`RandomSeedConfig`). Rows are also permuted inside each
+  machine, which the cache removes; large datasets are streamed from storage every epoch, one
+  read task per shard.
+- **Integrity.** Both paths read with the shards' parquet page checksums verified
+  (`shards.read_shard_table`): a corrupted image or mask page makes its rows bad rows (counted
+  against `data.max_bad_fraction`), any other corruption fails naming the shard.
+- **Shuffle.** A different, deterministic shard (block) order each epoch
+  (`RandomSeedConfig(seed, reseed_after_execution=True)`). Rows are also permuted inside each
   decode batch. Ray's local shuffle buffer is not used (slow, and it breaks DDP step parity).
 - **Splits.** `train` is split evenly (`streaming_split(equal=True)`: every worker runs the same
   number of steps). Validation is split *unevenly* (`equal=False`): no row is dropped, and the
@@ -27,15 +30,17 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
-from ray.data import FileShuffleConfig, RandomSeedConfig
+from ray.data import RandomSeedConfig
 from ray.train import DataConfig as RayDataConfig
 
 from components.data.shards import (
     DatasetError,
     DatasetInfo,
     list_shards,
+    read_shard_table,
     read_shard_tables,
     read_split_table,
     resolve_fs,
@@ -81,10 +86,22 @@ def _encoded_rows(
                 seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
             )
         return ds
-    shuffle = None
+    # One read task per shard, its page checksums verified (read_shard_table: a corrupted
+    # image/mask page makes bad rows, anything else fails naming the shard). Ray Data's
+    # read_parquet in Ray 2.60 ignores pyarrow's page_checksum_verification, and where it can be
+    # made to honour it a bad page fails the whole read task.
+    shards = list_shards(root, split)
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     if seed is not None:
-        shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    return ray.data.read_parquet(list_shards(root, split), shuffle=shuffle).select_columns(columns)
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    read = partial(_read_shards, root=root, split=split, columns=columns)
+    return ds.map_batches(read, batch_size=1, batch_format="pyarrow")
+
+
+def _read_shards(batch: pa.Table, root: str, split: str, columns: list[str]) -> pa.Table:
+    return pa.concat_tables(
+        read_shard_table(root, split, shard, columns) for shard in batch.column("shard").to_pylist()
+    )
 
 
 def _augmenting(decoder, data: DataConfig, info: DatasetInfo, **extra):

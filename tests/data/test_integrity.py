@@ -214,3 +214,21 @@ def test_shards_without_checksums_still_read(tmp_path):
     table = pa.table({"id": ["a"], "image": [_jpeg(0)]})
     pq.write_table(table, root / "train" / "part-00000.parquet")
     assert read_split_table(str(root), "train").equals(table)
+
+
+@pytest.mark.slow
+def test_streamed_training_rows_verify_page_checksums(ray_session, tmp_path):
+    """The streamed path (not cached in the object store) reads through `read_shard_table` too:
+    the corrupted JPEG's row group arrives as bad rows, every other row intact."""
+    from components.config import DataConfig
+    from components.data.ingest import train_dataset
+
+    root = str(tmp_path / "ds")
+    images = _writer_dataset(root)
+    (shard,) = list_shards(root, "train")
+    _corrupt_cell(shard, images["r3"])
+    info = DatasetInfo.load(root)
+    data = DataConfig(root=root, crop_size=16, cache_encoded=False)
+    batches = list(train_dataset(data, info).iter_batches(batch_size=None))
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert len(valid) == 6 and int((~valid).sum()) == 2  # r2, r3 (one row group)
