@@ -30,7 +30,7 @@ def execute(cfg, info, args) -> str:
 
     teacher = obtain_teacher(cfg, info)
     name = run_name(cfg)
-    print(f"run: {name} (storage: {cfg.trainer.storage_path})", flush=True)
+    print(f"run: {name} (storage: {storage_of(cfg)})", flush=True)
     outcome = fit(cfg, info, name, teacher)
     if outcome.reused:
         print(f"run {name} had already finished; showing its last checkpoint", flush=True)

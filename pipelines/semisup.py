@@ -103,7 +103,7 @@ def execute(cfg, info, args) -> str:
     for label, run_cfg in runs:
         baseline = regime_of(run_cfg.method.name) is SUPERVISED
         name = run_name(run_cfg, prefix="semisup-supervised" if baseline else None)
-        print(f"run: {label}: {name} (storage: {run_cfg.trainer.storage_path})", flush=True)
+        print(f"run: {label}: {name} (storage: {storage_of(run_cfg)})", flush=True)
         outcome = fit(run_cfg, info, name)
         if outcome.reused:
             print(f"run {name} had already finished; showing its last checkpoint", flush=True)

@@ -146,7 +146,7 @@ def execute(cfg, info, args) -> str:
 
     check_image_labels(cfg.data.root, cfg.data.train_split, info.num_classes)
     name = run_name(cfg)
-    print(f"run: {name} (storage: {cfg.trainer.storage_path})", flush=True)
+    print(f"run: {name} (storage: {storage_of(cfg)})", flush=True)
     outcome = fit(cfg, info, name)
     if outcome.reused:
         print(f"run {name} had already finished; showing its last checkpoint", flush=True)

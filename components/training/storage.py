@@ -34,8 +34,24 @@ def is_uri(path: str | Path) -> bool:
 
 
 def absolute_storage(path: str) -> str:
-    """A storage or data path as Ray wants it: a URI as is, a local path made absolute."""
-    return path if is_uri(path) else os.path.abspath(path)
+    """A storage path as Ray wants it: a URI as is, a local path made absolute.
+
+    A relative path under `ray job submit` is not resolved against the job's working dir: Ray
+    unpacks that under its session folder (`.../runtime_resources/working_dir_files/_ray_pkg_*`)
+    and deletes it with the session, runs and checkpoints included. It is resolved against
+    `$SEGDISTILL_HOME` (default `~/segdistill`) instead; the pipelines print where."""
+    if is_uri(path) or os.path.isabs(path):
+        return path if is_uri(path) else os.path.abspath(path)
+    base = os.getcwd()
+    if in_job_working_dir(base):
+        base = os.environ.get("SEGDISTILL_HOME") or os.path.expanduser("~/segdistill")
+    return os.path.abspath(os.path.join(base, path))
+
+
+def in_job_working_dir(folder: str) -> bool:
+    """Whether `folder` is a working dir Ray unpacked for a job (temporary, see above)."""
+    parts = Path(folder).parts
+    return "runtime_resources" in parts and "working_dir_files" in parts
 
 
 def join(storage: str, *parts: str) -> str:

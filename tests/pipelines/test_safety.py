@@ -151,3 +151,20 @@ def test_a_run_never_joins_another_ray_instance(ray_session, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("gcs ")][-1]
     assert line.split()[1] != session
+
+
+def test_relative_storage_under_a_job_is_not_ray_s_temporary_working_dir(tmp_path, monkeypatch):
+    from components.training.storage import absolute_storage
+
+    job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SEGDISTILL_HOME", raising=False)
+    assert absolute_storage("outputs") == str(tmp_path / "home" / "segdistill" / "outputs")
+    monkeypatch.setenv("SEGDISTILL_HOME", str(tmp_path / "keep"))
+    assert absolute_storage("outputs") == str(tmp_path / "keep" / "outputs")
+    assert absolute_storage("/abs/runs") == "/abs/runs"
+    assert absolute_storage("s3://b/runs") == "s3://b/runs"
+    monkeypatch.chdir(tmp_path)  # an ordinary folder: relative to it, as before
+    assert absolute_storage("outputs") == str(tmp_path / "outputs")
