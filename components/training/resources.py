@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from components.config import ConfigError, TrainerConfig
 
 DATA_CPUS = 1.0  # a CPU left for Ray Data's decode tasks when training on CPU
+MIN_SHARE = 0.25  # the smallest CPU share a worker on a private local instance is given
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,32 @@ class Request:
         return text
 
 
-def run_request(t: TrainerConfig, cluster_has_gpu: bool) -> Request:
+def run_request(
+    t: TrainerConfig, cluster_has_gpu: bool, local_cpus: float | None = None
+) -> Request:
+    """The run's resources. `local_cpus`: the CPUs of a private local instance (nothing can
+    join it); CPU-only workers that would not fit there reserve a share of them instead of
+    `trainer.cpus_per_worker` (2 workers on a 2-core laptop: 0.5 CPU each + 1 for Ray Data).
+    The reservation is Ray's bookkeeping; each worker still runs cores/workers torch threads."""
     use_gpu = t.use_gpu if t.use_gpu is not None else cluster_has_gpu
-    per_worker = {"CPU": float(t.cpus_per_worker)}
+    cpus = float(t.cpus_per_worker)
+    if local_cpus is not None and not use_gpu:
+        share = (local_cpus - DATA_CPUS) / t.num_workers
+        if cpus * t.num_workers + DATA_CPUS > local_cpus and share >= MIN_SHARE:
+            cpus = share
+    per_worker = {"CPU": cpus}
     if use_gpu:
         per_worker["GPU"] = 1.0
     return Request(t.num_workers, per_worker, use_gpu)
+
+
+def started_here() -> bool:
+    """Whether this process started its Ray instance (a private local one, which no node
+    can join and which does not autoscale)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(node is not None and getattr(node, "head", False))
 
 
 def _fmt(resources: dict[str, float], keys) -> str:
@@ -144,6 +165,11 @@ def wait_for_resources(request: Request, wait_s: float, log=print, poll_s: float
         problem = shortfall(request, nodes)
         if problem is None:
             return
+        if started_here():  # this machine's private instance: no node will ever join
+            raise ConfigError(
+                f"{problem} (this machine's own Ray instance); lower trainer.num_workers or "
+                "trainer.cpus_per_worker, or run on a cluster"
+            )
         if time.monotonic() >= deadline:
             raise ConfigError(
                 f"{problem} (waited {wait_s:g} s for nodes to join; the cluster has no "
@@ -163,5 +189,6 @@ __all__ = [
     "max_shortfall",
     "run_request",
     "shortfall",
+    "started_here",
     "wait_for_resources",
 ]

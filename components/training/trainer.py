@@ -51,6 +51,7 @@ from components.training.resources import (
     Request,
     cluster_capacity,
     run_request,
+    started_here,
     wait_for_resources,
 )
 from components.training.runlock import run_lock
@@ -252,7 +253,9 @@ def obtain_teacher(cfg: Config, info: DatasetInfo, log=print) -> Teacher | None:
 def _request(cfg: Config) -> Request:
     """GPU use and per-worker resources from the config and what the cluster has (or, when it
     autoscales, can have: a GPU cluster may start with no GPU node)."""
-    return run_request(cfg.trainer, cluster_capacity().get("GPU", 0) > 0)
+    capacity = cluster_capacity()
+    local = capacity.get("CPU", 0.0) if started_here() else None
+    return run_request(cfg.trainer, capacity.get("GPU", 0) > 0, local)
 
 
 def _resumable(cfg: Config, name: str) -> str | None:
@@ -372,7 +375,15 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
             metrics = read_meta(done).get("metrics", {})
             return Outcome(name, metrics, str(done), time.perf_counter() - start, reused=True)
         _check_same_run(cfg, name)
-        wait_for_resources(_request(cfg), cfg.trainer.resource_wait_s)
+        request = _request(cfg)
+        wait_for_resources(request, cfg.trainer.resource_wait_s)
+        if request.per_worker["CPU"] < cfg.trainer.cpus_per_worker:
+            print(
+                f"this machine's Ray has {cluster_capacity().get('CPU', 0):g} CPUs: each of the "
+                f"{request.num_workers} workers reserves {request.per_worker['CPU']:g} CPU "
+                f"(trainer.cpus_per_worker={cfg.trainer.cpus_per_worker:g} would not fit)",
+                flush=True,
+            )
         result = build_trainer(cfg, info, name, teacher).fit()
     checkpoint = result.checkpoint
     metrics = dict(result.metrics or {})

@@ -157,10 +157,15 @@ def test_unwritable_storage_fails_before_ray(tiny_data, tiny_overrides, tmp_path
 
 
 def test_run_bigger_than_the_cluster_fails_with_numbers(
-    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys, monkeypatch
 ):
     # 3 workers x 1 CPU + 1 CPU for Ray Data on the session's 3-CPU instance (no autoscaler):
-    # Ray Train alone would wait for the placement group for ever.
+    # Ray Train alone would wait for the placement group for ever. The instance is taken as a
+    # cluster started with `ray start` (a private one would share its CPUs among the workers).
+    from components.training import resources, trainer
+
+    monkeypatch.setattr(resources, "started_here", lambda: False)
+    monkeypatch.setattr(trainer, "started_here", lambda: False)
     extra = {"method.name": "none", "trainer.num_workers": "3", "trainer.resource_wait_s": "2"}
     start = time.monotonic()
     assert distill.main(tiny_overrides(tiny_data, str(tmp_path / "out"), **extra)) == 2

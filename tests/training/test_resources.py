@@ -65,6 +65,7 @@ def test_autoscaling_maximum():
 def _fake_cluster(monkeypatch, states):
     """Each poll returns the next (maximum, nodes); the last one repeats."""
     calls = []
+    monkeypatch.setattr(resources, "started_here", lambda: False)  # a cluster, not our own
 
     def state():
         calls.append(time.monotonic())
@@ -108,3 +109,26 @@ def test_capacity_of_an_autoscaling_cluster_is_its_maximum(monkeypatch):
     assert resources.cluster_capacity() == {"CPU": 200.0, "GPU": 16.0}
     _fake_cluster(monkeypatch, [(None, [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}])])
     assert resources.cluster_capacity() == {"CPU": 10.0, "GPU": 1.0}
+
+
+def test_a_private_local_instance_fails_at_once(monkeypatch):
+    """This machine's own instance (started by this process) cannot grow: no 60 s wait."""
+    _fake_cluster(monkeypatch, [(None, [{"CPU": 2.0}])])
+    monkeypatch.setattr(resources, "started_here", lambda: True)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"has 2 CPU, 0 GPU \(this machine's own Ray"):
+        wait_for_resources(_gpu(1), wait_s=60, log=lambda m: None)
+    assert time.monotonic() - start < 30
+
+
+def test_two_cpu_workers_share_a_two_core_laptop():
+    t = TrainerConfig(num_workers=2, cpus_per_worker=1)
+    r = run_request(t, cluster_has_gpu=False, local_cpus=2.0)
+    assert r.per_worker == {"CPU": 0.5} and r.totals == {"CPU": 2.0}  # + 1 for Ray Data
+    assert shortfall(r, [{"CPU": 2.0}]) is None
+    fits = run_request(TrainerConfig(num_workers=1), cluster_has_gpu=False, local_cpus=4.0)
+    assert fits.per_worker == {"CPU": 1.0}  # it fits: the asked-for CPUs
+    too_many = run_request(TrainerConfig(num_workers=8), cluster_has_gpu=False, local_cpus=2.0)
+    assert too_many.per_worker == {"CPU": 1.0}  # a share under 0.25 CPU: refused, not shrunk
+    on_cluster = run_request(t, cluster_has_gpu=False)  # a cluster's nodes: as configured
+    assert on_cluster.per_worker == {"CPU": 1.0}
