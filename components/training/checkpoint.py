@@ -81,9 +81,14 @@ def _load_verified(folder: Path, name: str, meta: dict) -> dict:
 
 def _check_file(path: Path, expected: dict) -> None:
     size = path.stat().st_size
-    if size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+    if size != expected["bytes"]:
         raise CheckpointError(
-            f"{path}: truncated or corrupted ({size} bytes, meta.json says {expected['bytes']})"
+            f"{path}: truncated or incomplete ({size} bytes, meta.json says {expected['bytes']})"
+        )
+    if _sha256(path) != expected["sha256"]:
+        raise CheckpointError(
+            f"{path}: corrupted (its SHA-256 differs from the one meta.json recorded; same size, "
+            f"{size} bytes)"
         )
 
 
@@ -107,10 +112,35 @@ def load_full_state(folder: str | Path) -> tuple[dict, dict]:
     return _load_verified(folder, STATE_FILE, meta), meta
 
 
-def checkpoint_folders(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders under a run folder, oldest first (by the iteration in meta.json)."""
-    found = [p.parent for p in Path(run_dir).rglob(META_FILE)]
-    return sorted(found, key=lambda p: (read_meta(p).get("progress", {}).get("iteration", -1), p))
+def checkpoint_folders(run_dir: str | Path, warn=print) -> list[Path]:
+    """Checkpoint folders under a run folder with a readable meta.json, oldest first (by the
+    iteration in meta.json). A folder whose meta.json cannot be read is skipped with a warning
+    naming it (`warn`); its files are not checked here (`verify_files`)."""
+    found = []
+    for meta in Path(run_dir).rglob(META_FILE):
+        try:
+            iteration = read_meta(meta.parent).get("progress", {}).get("iteration", -1)
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint {meta.parent}: {e}")
+            continue
+        found.append((iteration, meta.parent))
+    return [folder for _, folder in sorted(found)]
+
+
+def newest_verified(run_dir: str | Path, need_state: bool = False, warn=print) -> Path | None:
+    """The newest checkpoint of a run whose files match meta.json (with a full training state
+    when `need_state`), or None. Each newer one that fails is skipped with a warning naming it
+    and why: a corrupted or half-copied newest checkpoint falls back to the one before."""
+    for folder in reversed(checkpoint_folders(run_dir, warn)):
+        if need_state and STATE_FILE not in read_meta(folder).get("files", {}):
+            continue
+        try:
+            verify_files(folder)
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint {folder}: {e}")
+            continue
+        return folder
+    return None
 
 
 def verify_files(folder: str | Path) -> None:
@@ -124,18 +154,10 @@ def verify_files(folder: str | Path) -> None:
         _check_file(path, expected)
 
 
-def latest_resumable(run_dir: str | Path) -> Path | None:
+def latest_resumable(run_dir: str | Path, warn=print) -> Path | None:
     """The newest checkpoint folder of a run that holds a full training state and passes
-    `verify_files`, or None. Folders that fail (a copy cut short by a kill) are skipped."""
-    for folder in reversed(checkpoint_folders(run_dir)):
-        if STATE_FILE not in read_meta(folder).get("files", {}):
-            continue
-        try:
-            verify_files(folder)
-        except CheckpointError:
-            continue
-        return folder
-    return None
+    `verify_files`, or None (see `newest_verified`)."""
+    return newest_verified(run_dir, need_state=True, warn=warn)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -152,10 +174,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         path = path.parent
     if (path / META_FILE).is_file():
         return path
-    folders = checkpoint_folders(path)
-    if not folders:
+    if not checkpoint_folders(path, warn=lambda m: None):
         raise CheckpointError(f"{path}: no complete checkpoint (a folder with {META_FILE}) inside")
-    return folders[-1]
+    folder = newest_verified(path)
+    if folder is None:
+        raise CheckpointError(f"{path}: no checkpoint inside passes its checksums (see above)")
+    return folder
 
 
 # RNG state as plain tensors and lists, so `torch.load(weights_only=True)` accepts it.

@@ -29,6 +29,7 @@ from components.metrics import boundary_iou, miou, pixel_accuracy
 from components.models.build import build_model
 from components.regimes import LABELED, Regime, regime_of
 from components.training.checkpoint import (
+    CheckpointError,
     load_full_state,
     read_meta,
     rng_state,
@@ -136,17 +137,28 @@ def _resume(w: Worker) -> str | None:
     """The newest full state: Ray's checkpoint, or a complete checkpoint folder Ray had not
     registered when the driver was killed between its upload and Ray's bookkeeping (`fit`
     found it). The schedule needs nothing: the iteration sets the learning rate."""
-    state, source = None, ""
+    state, source, unusable = None, "", None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state, _ = load_full_state(folder)
+            try:
+                state, _ = load_full_state(folder)
+            except CheckpointError as e:  # corrupted or cut short: the newest verified instead
+                unusable = e
+                w.print0(f"warning: skipping Ray's newest checkpoint: {e}")
     found = w.config.get("resume_folder")
     if found is not None and (
         state is None or read_meta(found)["progress"]["iteration"] > state["progress"]["iteration"]
     ):
         state, _ = load_full_state(found)
-        source = f" ({found}, which Ray had not registered)"
+        why = "Ray's newest was unusable" if unusable else "which Ray had not registered"
+        source = f" ({found}, {why})"
+    if state is None and unusable is not None:
+        # Starting over would write new checkpoints over the run's older ones.
+        raise CheckpointError(
+            f"{unusable}; no other verified checkpoint of this run to resume from (storage on a "
+            "URI is not searched); refusing to start the run over"
+        )
     if state is None:
         return None
     w.method.trainable.load_state_dict(state["trainable"])

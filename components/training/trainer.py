@@ -38,10 +38,10 @@ from components.models.build import build_model
 from components.regimes import regime_of
 from components.training.checkpoint import (
     CheckpointError,
-    checkpoint_folders,
     latest_resumable,
     load_model_state,
     load_torch_file,
+    newest_verified,
     read_meta,
     resolve_checkpoint,
 )
@@ -221,10 +221,9 @@ def finished_checkpoint(storage: str, name: str, epochs: int) -> Path | None:
         return finished_uri_checkpoint(storage, name, epochs)
     if not (Path(storage) / name).is_dir():
         return None
-    folders = checkpoint_folders(Path(storage) / name)
-    for folder in reversed(folders):
-        if read_meta(folder).get("progress", {}).get("epoch", 0) >= epochs:
-            return folder
+    folder = newest_verified(Path(storage) / name)  # a corrupted newest one: the one before
+    if folder is not None and read_meta(folder).get("progress", {}).get("epoch", 0) >= epochs:
+        return folder
     return None
 
 

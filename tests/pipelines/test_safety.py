@@ -173,3 +173,34 @@ def test_relative_storage_under_a_job_is_not_ray_s_temporary_working_dir(tmp_pat
     assert absolute_storage("s3://b/runs") == "s3://b/runs"
     monkeypatch.chdir(tmp_path)  # an ordinary folder: relative to it, as before
     assert absolute_storage("outputs") == str(tmp_path / "outputs")
+
+
+@pytest.mark.slow
+def test_a_corrupted_newest_checkpoint_resumes_from_the_one_before(
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+):
+    from components.training.checkpoint import verify_files
+
+    extra = {
+        "method.name": "none",
+        "trainer.epochs": "2",
+        "trainer.num_to_keep": "2",
+        "trainer.name": "run",
+    }
+    args = tiny_overrides(tiny_data, str(tmp_path / "out"), **extra)
+    assert distill.main(args) == 0
+    run = tmp_path / "out" / "run"
+    state = run / "epoch_0002" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 16] = bytes(16)  # 16 bytes zeroed, same size
+    state.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    # Not reported as finished: epoch 2 is trained again from epoch 1's checkpoint.
+    assert distill.main(args) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "already finished" not in text
+    assert f"skipping checkpoint {run / 'epoch_0002'}" in text and "SHA-256 differs" in text
+    assert "resumed from checkpoint: epoch 1" in text and "newest was unusable" in text
+    verify_files(run / "epoch_0002")  # written again, whole

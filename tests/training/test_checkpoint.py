@@ -68,6 +68,50 @@ def test_truncated_file_is_named(tmp_path: Path):
     load_model_state(tmp_path / "c")  # the other file is still good
 
 
+def _flip(path: Path, count: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    for k in range(len(data) // 2, len(data) // 2 + count):
+        data[k] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped model.pt", "meta.json deleted", "meta.json cut"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Path, damage: str):
+    run = tmp_path / "run"
+    _save(run / "epoch_0001", 10)
+    _save(run / "epoch_0002", 20)
+    newest = run / "epoch_0002"
+    if damage == "flipped model.pt":
+        _flip(newest / "model.pt")
+    elif damage == "meta.json deleted":
+        (newest / "meta.json").unlink()
+    else:
+        meta = newest / "meta.json"
+        meta.write_text(meta.read_text()[:40])
+    warnings: list[str] = []
+    assert latest_resumable(run, warn=warnings.append) == run / "epoch_0001"
+    assert resolve_checkpoint(run) == run / "epoch_0001"  # evaluation and teachers too
+    if damage == "meta.json deleted":
+        assert warnings == []  # no meta.json: not a checkpoint at all
+    else:
+        assert len(warnings) == 1 and "skipping checkpoint" in warnings[0]
+        assert str(newest) in warnings[0]
+
+
+def test_same_size_corruption_says_the_checksum_differs(tmp_path: Path):
+    _save(tmp_path / "c", 1)
+    _flip(tmp_path / "c" / "state.pt")
+    with pytest.raises(CheckpointError, match=r"state\.pt: corrupted \(its SHA-256 differs"):
+        load_full_state(tmp_path / "c")
+
+
+def test_no_verified_checkpoint_is_an_error_not_a_guess(tmp_path: Path):
+    _save(tmp_path / "run" / "epoch_0001", 10)
+    _flip(tmp_path / "run" / "epoch_0001" / "model.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint inside passes its checksums"):
+        resolve_checkpoint(tmp_path / "run")
+
+
 def test_missing_checkpoint_named(tmp_path: Path):
     with pytest.raises(CheckpointError, match="no such"):
         resolve_checkpoint(tmp_path / "nothing")
