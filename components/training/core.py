@@ -13,6 +13,7 @@ batches. Any iterator of batch dicts will do.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,14 @@ from torch import Tensor
 
 from components.distillation.protocol import MethodBase
 from components.training.schedule import Schedule
+
+
+class BadDataError(RuntimeError):
+    """Too many rows failed to decode or validate."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step's loss was NaN or infinite: the run stops before that step is checkpointed."""
 
 
 @dataclass
@@ -71,12 +80,17 @@ def train_one_epoch(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     on_step: Callable[[int, dict[str, float], float], None] | None = None,
+    max_bad_rows: float | None = None,
 ) -> EpochStats:
     """Up to `steps` steps, fewer if `batches` ends first (the caller checks `stats.steps`).
 
     Before each step the learning rate is set from `progress["iteration"]`, which then counts
     the step; at the end it is the next step's. `on_step(iteration, {term: value},
-    data_wait_s)` runs after each step (logging)."""
+    data_wait_s)` runs after each step (logging).
+
+    Stops with NonFiniteLossError at the first NaN or infinite loss (naming the terms), and with
+    BadDataError as soon as this process has seen more than `max_bad_rows` bad rows (the
+    epoch's limit over all workers: exceeded whatever the others see)."""
     method.trainable.train()
     stats = EpochStats()
     start = time.perf_counter()
@@ -99,6 +113,19 @@ def train_one_epoch(
         stats.steps += 1
         progress["iteration"] += 1
         values = {name: float(value.detach()) for name, value in terms.items()}
+        if not math.isfinite(values["loss"]):
+            bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {progress['iteration']} ({bad}); stopped before "
+                "it was checkpointed. Lower optim.lr or the loss weights, or check the data"
+            )
+        if max_bad_rows is not None and stats.bad_rows > max_bad_rows:
+            raise BadDataError(
+                f"{stats.bad_rows} bad training rows (undecodable, wrong mask size or label ids "
+                f"out of range) after {stats.steps} steps: already more than "
+                f"data.max_bad_fraction allows this epoch ({int(max_bad_rows)}). The skipped "
+                "ids are in the worker logs."
+            )
         for name, value in values.items():
             stats.sums[name] = stats.sums.get(name, 0.0) + value
             stats.reported[name] = stats.reported.get(name, 0) + 1

@@ -36,16 +36,12 @@ from components.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from components.training.core import EpochStats, train_one_epoch
+from components.training.core import BadDataError, EpochStats, train_one_epoch
 from components.training.distributed import all_reduce_sum, distributed, mean_terms
 from components.training.evaluation import EvalCounts, evaluate_counts
 from components.training.progress import Bar, iterate
 from components.training.runlog import RunLog, quiet_train_console, val_panels
 from components.training.schedule import Schedule, build_optimizer
-
-
-class BadDataError(RuntimeError):
-    """Too many rows failed to decode or validate."""
 
 
 def _dtypes(columns: dict[str, str]) -> dict[str, torch.dtype]:
@@ -237,6 +233,15 @@ def evaluate(w: Worker, model: nn.Module) -> EvalCounts:
     return counts
 
 
+def _max_bad_rows(w: Worker, steps: int) -> float:
+    """The bad rows the whole epoch may hold (all workers, every stream's rows per step)."""
+    d = w.cfg.data
+    per_step = d.batch_size + (
+        (d.unlabeled_batch_size or d.batch_size) if w.regime.streams[1:] else 0
+    )
+    return d.max_bad_fraction * per_step * steps * w.world
+
+
 def _epoch_totals(w: Worker, stats: EpochStats) -> dict:
     """The epoch's counts summed over workers; fails on uneven steps or too many bad rows."""
     counts = all_reduce_sum(
@@ -425,6 +430,7 @@ def _train(w: Worker) -> None:
                 autocast_dtype=w.amp_dtype,
                 channels_last=w.device.type == "cuda" and t.channels_last,
                 on_step=_step_logger(w, epoch, bar),
+                max_bad_rows=_max_bad_rows(w, steps),
             )
         t_drain = time.perf_counter()
         streams.drain()

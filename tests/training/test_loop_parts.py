@@ -56,3 +56,53 @@ def test_optimizer_groups_and_kinds():
     # One group (and plain SGD) when there is no head multiplier: old checkpoints still load.
     sgd = build_optimizer(net, OptimConfig())
     assert isinstance(sgd, torch.optim.SGD) and len(sgd.param_groups) == 1
+
+
+class _Linear:
+    """A minimal method: loss = mean(w * image) * scale, scale set per call (inf / nan)."""
+
+    def __init__(self):
+        self.trainable = torch.nn.Linear(1, 1, bias=False)
+        self.scales: list[float] = []
+
+    def training_step(self, batch):
+        scale = self.scales.pop(0) if self.scales else 1.0
+        return {"loss": (self.trainable.weight * batch["image"]).mean() * scale}
+
+    def after_step(self):
+        pass
+
+
+def _epoch(method, batches, **kwargs):
+    from components.config import OptimConfig
+    from components.training.core import train_one_epoch
+    from components.training.schedule import Schedule, build_optimizer
+
+    optimizer = build_optimizer(method.trainable, OptimConfig(lr=0.1))
+    schedule = Schedule.of(optimizer, 10, OptimConfig(lr=0.1))
+    return train_one_epoch(method, iter(batches), optimizer, schedule, {"iteration": 0}, 10,
+                           **kwargs)  # fmt: skip
+
+
+def test_a_non_finite_loss_stops_the_epoch_at_once():
+    from components.training.core import NonFiniteLossError
+
+    method = _Linear()
+    method.scales = [1.0, 1.0, float("inf")]
+    batches = [{"image": torch.ones(2, 1)} for _ in range(5)]
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration 3 \(loss -?inf\)"):
+        _epoch(method, batches)
+
+
+def test_bad_rows_stop_as_soon_as_the_epoch_limit_is_exceeded():
+    from components.training.core import BadDataError
+
+    good = {"image": torch.ones(4, 1), "valid": torch.ones(4, dtype=torch.bool)}
+    bad = {"image": torch.ones(4, 1), "valid": torch.tensor([False, False, True, True])}
+    seen = []
+    with pytest.raises(BadDataError, match=r"4 bad training rows \(.*\) after 2 steps"):
+        _epoch(_Linear(), [bad, bad, good, good], max_bad_rows=3,
+               on_step=lambda it, v, w: seen.append(it))  # fmt: skip
+    assert seen == [1]  # the second step's rows crossed the limit: no step logged after it
+    stats = _epoch(_Linear(), [bad, good, good], max_bad_rows=3)
+    assert stats.steps == 3 and stats.bad_rows == 2
