@@ -28,15 +28,36 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+KEYS_HELP = """\
+Config keys are set as key.sub=value after the flags (every key, with its comment, is in
+components/schema.py; --print-config shows them all with the values this command would use).
+The most used:
+  data.root=DIR                 a dataset from pipelines/prepare_data.py (docs/datasets.md)
+  data.batch_size=8             per worker;  data.crop_size=512
+  model.backbone=resnet18       student (resnet18/34/50/101, mit_b0..b5); model.head=pspnet
+  teacher.checkpoint=PATH       a run folder, checkpoint or state_dict; unset: train one first
+  method.name=sstkd             see docs/methods.md;  method.weights.<term>=0.5 (0 = off)
+  optim.lr=0.02                 trainer.epochs=7
+  trainer.num_workers=2         trainer.storage_path=outputs (or s3://...)
+  eval.mode=slide eval.crop=[512,1024] eval.stride=[341,683]   eval.flip=true
+"""
+
+
 def parse_args(
     argv: list[str] | None, doc: str, add_arguments: Callable | None = None
 ) -> argparse.Namespace:
     """`--config FILE`, the pipeline's own flags, then `key.sub=value` overrides."""
     parser = argparse.ArgumentParser(
         description=doc.splitlines()[0],
-        epilog="Every key of components/schema.py can be set as key.sub=value.",
+        epilog=KEYS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file in the schema of components/schema.py")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults, --config and overrides) as YAML and exit",
+    )
     parser.add_argument(
         "--verbose",
         action="store_true",
@@ -76,6 +97,11 @@ def run_pipeline(
         validate(cfg)
     except ConfigError as e:
         return fail(str(e))
+    if args.print_config:
+        from components.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
     quiet_environment(cfg.trainer.verbose)
 
     import ray.train

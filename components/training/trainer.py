@@ -29,10 +29,11 @@ from components.config import (
     fingerprint,
     from_dict,
     to_dict,
+    to_yaml,
     validate_against_dataset,
 )
 from components.data.ingest import SegDataConfig
-from components.data.shards import DatasetInfo, list_shards
+from components.data.shards import DatasetInfo, list_shards, resolve_fs, write_atomic
 from components.data.synthetic import ensure_synthetic
 from components.models.build import build_model
 from components.regimes import regime_of
@@ -269,6 +270,13 @@ def _resumable(cfg: Config, name: str) -> str | None:
     return None if folder is None else str(folder)
 
 
+def _write_config(cfg: Config, name: str) -> None:
+    """The resolved config as `config.yaml` in the run folder (`--config` reruns it)."""
+    fs, root = resolve_fs(join(storage_of(cfg), name))
+    fs.create_dir(root, recursive=True)
+    write_atomic(fs, f"{root}/config.yaml", to_yaml(cfg).encode())
+
+
 def _check_same_run(cfg: Config, name: str) -> None:
     """A run folder that holds checkpoints of another model or method (a reused
     `trainer.name`) is refused before Ray starts its workers, naming what differs."""
@@ -374,6 +382,7 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
             metrics = read_meta(done).get("metrics", {})
             return Outcome(name, metrics, str(done), time.perf_counter() - start, reused=True)
         _check_same_run(cfg, name)
+        _write_config(cfg, name)
         request = _request(cfg)
         wait_for_resources(request, cfg.trainer.resource_wait_s)
         if request.per_worker["CPU"] < cfg.trainer.cpus_per_worker:

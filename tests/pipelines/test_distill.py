@@ -379,3 +379,12 @@ def test_output_is_ours_unless_verbose(ray_session, tiny_data, tiny_overrides, t
     rows = (tmp_path / "out" / "verbose-run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and all(0 <= json.loads(r)["boundary_iou"] <= 1 for r in rows)
     assert sum("bIoU@2px" in ln for ln in again) == 2
+    # The run folder keeps the resolved config (it reruns the run) and its report.
+    from components.config import load_config
+
+    run = tmp_path / "out" / "verbose-run"
+    saved = load_config(["--config", str(run / "config.yaml")])
+    assert saved.eval.boundary_width == 2 and saved.trainer.name == "verbose-run"
+    report = (run / "report.md").read_text()
+    assert "![loss terms and val mIoU" in report and (run / "curves.png").is_file()
+    assert len(list((run / "panels").glob("*.png"))) == 4  # trainer.panel_images

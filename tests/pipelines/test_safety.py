@@ -204,3 +204,16 @@ def test_a_corrupted_newest_checkpoint_resumes_from_the_one_before(
     assert f"skipping checkpoint {run / 'epoch_0002'}" in text and "SHA-256 differs" in text
     assert "resumed from checkpoint: epoch 1" in text and "newest was unusable" in text
     verify_files(run / "epoch_0002")  # written again, whole
+
+
+def test_help_names_keys_and_print_config_shows_the_resolved_yaml(capsys):
+    import yaml
+
+    with pytest.raises(SystemExit):
+        distill.main(["--help"])
+    text = capsys.readouterr().out
+    assert "components/schema.py" in text and "data.root=DIR" in text and "--print-config" in text
+    assert distill.main(["--print-config", "optim.lr=0.05", "eval.flip=true"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.05 and printed["eval"]["flip"] is True
+    assert printed["data"]["root"] == "data/synthetic"  # the embedded default, nothing run
