@@ -137,8 +137,8 @@ def _check_settings(s: SweepSettings, source: str) -> None:
         )
     if s.max_failures < 0:
         raise bad("max_failures", f"must be >= 0, got {s.max_failures}")
-    if s.name is not None and (not s.name or "/" in s.name):
-        raise bad("name", "must be a plain folder name")
+    if s.name is not None and (s.name in ("", ".", "..") or any(c in s.name for c in "/\\\0")):
+        raise bad("name", f"must be a plain folder name (no '/', not '.' or '..'), got {s.name!r}")
 
 
 def _check_search_key(key: str, base: Config, source: str) -> None:

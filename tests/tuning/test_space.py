@@ -137,6 +137,9 @@ def test_bad_search_rejected_naming_the_key(search, overrides, needle):
             {"search": {"optim.lr": "uniform(0.01, 0.1)"}, "overrides": {"optim.lrr": 1}},
             "optim.lrr",
         ),
+        # A name that is not one folder would put the sweep outside its storage (issue 26).
+        ({"search": {"optim.lr": "uniform(0.01, 0.1)"}, "sweep": {"name": ".."}}, "sweep.name"),
+        ({"search": {"optim.lr": "uniform(0.01, 0.1)"}, "sweep": {"name": "a/b"}}, "sweep.name"),
     ],
 )
 def test_bad_sweep_file_rejected(raw, needle):
