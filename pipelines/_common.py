@@ -154,6 +154,10 @@ def quiet_environment(verbose: bool) -> None:
         return
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _ray_data_logging_config())
+    # Importing ray.data (above) applied its default config in this process: again, with ours.
+    from ray.data._internal.logging import configure_logging
+
+    configure_logging()
     # Ray Train passes this deprecated option to Ray Data itself (ray/train/_internal/
     # data_config.py); nothing a user can change.
     notice = "`ExecutionOptions.exclude_resources` is deprecated"

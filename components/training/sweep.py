@@ -5,21 +5,26 @@
 Tune runs a small driver function per trial (`_trial`); it builds the trial's distill config from
 the sampled values and fits a TorchTrainer whose `TuneReportCallback` forwards rank 0's per-epoch
 metrics (val `miou`, `epoch`, ...) to Tune, so the scheduler (ASHA by default) can stop poor
-trials after any epoch. Names are deterministic: the sweep's folder is
-`<storage>/<sweep name>/`, each trial's Train run is `runs/train-trial_id=<id>/` in it. Running
-the same command again restores the sweep (`Tuner.restore`): finished trials are kept, unfinished
-ones start again and their Train runs resume from their last checkpoints.
+trials after any epoch. The sweep's folder is `<storage>/<sweep name>/`; each trial's Train run
+is `runs/train-<sample>-<hash of its values>/` in it, a name that is the same on every start.
+
+Continuing a sweep never unpickles anything from storage. Tune's own restore (`Tuner.restore`)
+loads `tuner.pkl` and pickled trial states from the sweep folder, so anyone who can write that
+folder (a shared bucket) could run code on the driver. Running the same command again instead
+starts a new Tune experiment (`tune-NNN/`) with the same seeded search: it draws the same
+trials in the same order, and each trial finds its Train run by name. A run that finished, or
+that the scheduler stopped (`stopped_early.json`, written by the driver), replays its recorded
+per-epoch rows (`metrics.jsonl`, plain JSON) to Tune and returns; an unfinished one resumes from
+its last checkpoint (weights only). This needs a seeded search (`sweep.seed`, default 0).
 
 Outputs in the sweep's folder: trials.csv, trials.md, params.png and best.yaml (a complete distill
 config: `python pipelines/distill.py --config best.yaml` runs it as is).
-
-Limits: Tune does not save ASHA's rung records, so after a restore the resumed trials are only
-compared with each other, not with the trials that finished before the interruption.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -31,10 +36,11 @@ from ray._common.constants import HEAD_NODE_RESOURCE_NAME  # what Train V2 itsel
 
 from components.config import ConfigError, to_yaml
 from components.data.shards import DatasetInfo, resolve_fs, write_atomic
-from components.training.checkpoint import read_meta
+from components.training.checkpoint import newest_verified, read_meta
 from components.training.progress import Bar, wants_bars
+from components.training.report import read_rows
 from components.training.resources import cluster_capacity, run_request
-from components.training.storage import check_writable
+from components.training.storage import check_writable, is_uri
 from components.training.trainer import (
     Teacher,
     absolute_storage,
@@ -56,8 +62,16 @@ class SweepOutcome:
     wall_s: float
 
 
-def trial_run_name(trial_id: str) -> str:
-    return f"train-trial_id={trial_id}"
+SAMPLE_KEY = "sample"  # the sample index, a grid dimension of the param space
+STOPPED_FILE = "stopped_early.json"
+
+
+def trial_run_name(config: dict) -> str:
+    """A trial's Train run: its sample index and a hash of its sampled values (`config` is
+    the trial's Tune config). The seeded search draws the same values on every start."""
+    values = json.dumps(config.get("params", {}), sort_keys=True, default=float)
+    digest = hashlib.sha256(values.encode()).hexdigest()[:8]
+    return f"train-{int(config.get(SAMPLE_KEY, 0)):03d}-{digest}"
 
 
 def sweep_paths(spec: SweepSpec) -> tuple[str, str]:
@@ -157,37 +171,52 @@ def concurrency(spec: SweepSpec) -> int:
 
 
 def _trial(config: dict, spec: SweepSpec, info: DatasetInfo, teacher: Teacher | None, runs: str):
-    """One trial: distill with the sampled values; metrics reach Tune through the callback."""
+    """One trial: distill with the sampled values; metrics reach Tune through the callback. A
+    run that finished or was stopped before (an earlier start of this sweep) replays its rows."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    name = trial_run_name(tune.get_context().get_trial_id())
+    name = trial_run_name(config)
     cfg = spec.trial_config(config["params"])
     cfg = dataclasses.replace(
         cfg, trainer=dataclasses.replace(cfg.trainer, storage_path=runs, name=name)
     )
     done = finished_checkpoint(runs, name, cfg.trainer.epochs)
-    if done is not None:  # trained to the end before an interruption: report, do not retrain
-        tune.report({**read_meta(done).get("metrics", {}), "checkpoint_path": str(done)})
+    if done is None and _exists(f"{runs}/{name}/{STOPPED_FILE}"):
+        done = newest_verified(f"{runs}/{name}") if not is_uri(runs) else None
+    if done is not None:
+        rows = read_rows(f"{runs}/{name}", "metrics.jsonl") or [read_meta(done).get("metrics", {})]
+        for row in rows:  # what Tune saw the first time, epoch by epoch
+            tune.report({**row, "checkpoint_path": str(done)})
         return
     build_trainer(cfg, info, name, teacher, callbacks=[TuneReportCallback()]).fit()
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = resolve_fs(path)
+    return fs.get_file_info(p).type == pafs.FileType.File
 
 
 class TrialProgress(tune.Callback):
     """The sweep's progress on the driver: a bar of finished trials (done, running, stopped
     early, failed) on a terminal, else one line per finished trial."""
 
-    def __init__(self, total: int, epochs: int, metric: str, bars: bool, log=print):
+    def __init__(self, total: int, epochs: int, metric: str, bars: bool, runs: str = "", log=print):
         self.total, self.epochs, self.metric, self.log = total, epochs, metric, log
+        self.runs = runs
         self.running: set[str] = set()
         self.counts = {"done": 0, "stopped early": 0, "failed": 0}
         self.bars = bars
         self.bar = Bar("", None, enabled=False)  # drawn from `setup`, when the sweep starts
 
-    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the sweep's state
-        return {k: v for k, v in self.__dict__.items() if k != "bar"}
+    def __getstate__(self) -> dict:
+        """Tune pickles its callbacks into tuner.pkl: not the bar, nor `log` (print may be
+        tqdm_ray's replacement, which does not pickle)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("bar", "log")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, bar=Bar("", None, enabled=False))
+        self.__dict__.update(state, bar=Bar("", None, enabled=False), log=print)
 
     def setup(self, **info) -> None:
         self.bar = Bar(self._desc(), self.total, "trial", enabled=self.bars)
@@ -213,13 +242,18 @@ class TrialProgress(tune.Callback):
             shown = "" if value is None else f" {self.metric} {value:.4f}"
             finished = sum(self.counts.values())
             self.log(
-                f"trial {trial.trial_id} {status} after epoch {result.get('epoch', 0)}"
+                f"trial {trial_run_name(trial.config)[6:]} {status} after epoch "
+                f"{result.get('epoch', 0)}"
                 f"{shown} ({finished}/{self.total} finished)"
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epoch = (trial.last_result or {}).get("epoch", 0)
-        self._finished(trial, "done" if epoch >= self.epochs else "stopped early")
+        stopped = epoch < self.epochs
+        if stopped and self.runs:  # a later start of the sweep must not train it on
+            marker = f"{self.runs}/{trial_run_name(trial.config)}/{STOPPED_FILE}"
+            _write(marker, json.dumps({"epoch": epoch}))
+        self._finished(trial, "stopped early" if stopped else "done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finished(trial, "failed")
@@ -242,7 +276,8 @@ def _scheduler(spec: SweepSpec):
 
 def _row(result, spec: SweepSpec, statuses: dict[str, str]) -> dict[str, Any]:
     params = (result.config or {}).get("params", {})
-    trial_id = result.path.rstrip("/").rsplit("trial-", 1)[-1] if result.path else "?"
+    tune_id = result.path.rstrip("/").rsplit("trial-", 1)[-1] if result.path else "?"
+    trial_id = trial_run_name(result.config or {})[len("train-") :]  # the same on every start
     row: dict[str, Any] = {"trial_id": trial_id, **{k: params.get(k) for k in spec.search}}
     df = result.metrics_dataframe
     metric, reported = spec.settings.metric, df is not None and len(df) > 0
@@ -256,7 +291,7 @@ def _row(result, spec: SweepSpec, statuses: dict[str, str]) -> dict[str, Any]:
     if result.error is not None:
         row["status"] = "error"
         row["error"] = failure_message(result.error)
-    elif statuses.get(trial_id, "TERMINATED") != "TERMINATED":
+    elif statuses.get(tune_id, "TERMINATED") != "TERMINATED":
         row["status"] = "unfinished"  # the sweep was interrupted; a rerun continues it
     elif row["score"] is None:
         row["status"] = "not run"
@@ -265,6 +300,15 @@ def _row(result, spec: SweepSpec, statuses: dict[str, str]) -> dict[str, Any]:
     else:
         row["status"] = "done"
     return row
+
+
+def _attempts(path: str) -> int:
+    """How many times this sweep was started (its `tune-NNN/` experiment folders)."""
+    import pyarrow.fs as pafs
+
+    fs, p = resolve_fs(path)
+    found = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sum(1 for i in found if i.type == pafs.FileType.Directory and i.base_name[:5] == "tune-")
 
 
 def _write(path: str, text: str | bytes) -> None:
@@ -303,38 +347,38 @@ def run_sweep(
     trials = s.num_samples * math.prod(
         len(d.args[0]) for d in spec.search.values() if d.name == "grid"
     )
-    progress = TrialProgress(
-        trials, spec.base.trainer.epochs, s.metric, wants_bars(spec.base.trainer.progress), log
-    )
-    if tune.Tuner.can_restore(path):
-        log(f"sweep: continuing {path} (finished trials are kept)")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    bars = wants_bars(spec.base.trainer.progress)
+    progress = TrialProgress(trials, spec.base.trainer.epochs, s.metric, bars, f"{path}/runs", log)
+    started = _attempts(path)
+    if started:
+        log(f"sweep: continuing {path} (finished and stopped trials replay their records)")
     else:
         log(f"sweep: {path}, {s.num_samples} sample(s), at most {limit} trial(s) at once")
         _write(f"{path}/{IDENTITY_FILE}", json.dumps(identity(spec), indent=1))
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"params": {k: to_tune(d) for k, d in spec.search.items()}},
-            tune_config=tune.TuneConfig(
-                metric=s.metric,
-                mode=s.mode,
-                scheduler=_scheduler(spec),
-                num_samples=s.num_samples,
-                # The limit goes to the generator: TuneConfig.max_concurrent_trials is ignored
-                # (with a warning) when a search_alg that is not a Searcher is given.
-                search_alg=tune.search.BasicVariantGenerator(
-                    random_state=s.seed, max_concurrent=limit
-                ),
-                trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                verbose=1 if spec.base.trainer.verbose else 0,
-                callbacks=[progress],
-            ),
-        )
+    params = {k: to_tune(d) for k, d in spec.search.items()}
+    tuner = tune.Tuner(
+        trainable,
+        # The sample index as a grid dimension (not num_samples): each trial knows it, so its
+        # Train run has the same name on every start (`trial_run_name`).
+        param_space={"params": params, SAMPLE_KEY: tune.grid_search(list(range(s.num_samples)))},
+        tune_config=tune.TuneConfig(
+            metric=s.metric,
+            mode=s.mode,
+            scheduler=_scheduler(spec),
+            num_samples=1,
+            # The limit goes to the generator: TuneConfig.max_concurrent_trials is ignored
+            # (with a warning) when a search_alg that is not a Searcher is given.
+            search_alg=tune.search.BasicVariantGenerator(random_state=s.seed, max_concurrent=limit),
+            trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{started:03d}",  # a new Tune experiment per start; nothing restored
+            storage_path=path,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            verbose=1 if spec.base.trainer.verbose else 0,
+            callbacks=[progress],
+        ),
+    )
     grid = tuner.fit()
     try:  # trial states (private API; without it every trial counts as finished)
         statuses = {t.trial_id: t.status for t in grid._experiment_analysis.trials}

@@ -107,7 +107,7 @@ def test_tiny_sweep_stops_early_writes_outputs_and_continues(
     assert [int(r["epochs"]) for r in rows] == [2, 1, 1]
     for r in rows:  # every trial trained: its val mIoU is there, its Train run has a checkpoint
         assert 0.0 <= float(r["best_miou"]) <= 1.0
-        assert (folder / "runs" / f"train-trial_id={r['trial_id']}").is_dir()
+        assert (folder / "runs" / f"train-{r['trial_id']}").is_dir()
     # The Markdown table, the printed table and the plot show the same trials in the same order.
     md = (folder / "trials.md").read_text()
     md_ids = [ln.split("|")[2].strip() for ln in md.splitlines() if ln.startswith("| ")][1:]
@@ -139,11 +139,21 @@ def test_tiny_sweep_stops_early_writes_outputs_and_continues(
         time.sleep(2)
     assert _live_placement_groups() == []
 
-    # The same command again continues the finished sweep: no trial is run again.
+    # The same command again continues the finished sweep: no trial is run again, and nothing
+    # from the sweep folder is unpickled (a planted tuner.pkl, as Tune's restore would load it,
+    # is never read: it would create `pwned`).
+    import pickle
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    (folder / "tune-000" / "tuner.pkl").write_bytes(pickle.dumps(Planted()))
     runs_before = sorted(p.name for p in (folder / "runs").iterdir())
     mtimes = {p: p.stat().st_mtime for p in (folder / "runs").rglob("meta.json")}
     assert tune.main(["--config", str(path)]) == 0
     assert "continuing" in capsys.readouterr().out
+    assert not (tmp_path / "pwned").exists()
     assert sorted(p.name for p in (folder / "runs").iterdir()) == runs_before
     assert {p: p.stat().st_mtime for p in (folder / "runs").rglob("meta.json")} == mtimes
     assert list(csv.DictReader(io.StringIO((folder / "trials.csv").read_text()))) == rows
