@@ -57,6 +57,10 @@ def execute(cfg, info, args) -> str:
         ("checkpoint (newest)", str(outcome.checkpoint_dir)),
         ("checkpoint (best)", join(storage_of(cfg), name, f"epoch_{m.get('best_epoch', 0):04d}")),
         ("logs", "report.md, metrics.jsonl, console.log, tensorboard/ in the run folder"),
+        (
+            "val predictions",
+            join(storage_of(cfg), name, "panels") + "/ (image|truth|student|teacher)",
+        ),
     ]
     return summary_table(rows)
 
