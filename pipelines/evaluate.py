@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines._common import fail, init_ray
+    from pipelines._common import fail, init_ray, quiet_environment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or file")
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", type=_scales, default=(1.0,), help="e.g. 0.5,0.75,1.0")
     parser.add_argument("--flip", action="store_true", help="add the horizontally flipped image")
     parser.add_argument("--boundary-width", type=int, metavar="D", help="boundary IoU band (px)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own output too")
     parser.add_argument(
         "--confusion-png",
         metavar="PATH",
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from components.models.build import build_model
     from components.training.checkpoint import CheckpointError, load_model_state, resolve_checkpoint
     from components.training.evaluation import evaluate_counts
+    from components.training.progress import Bar, iterate
+    from components.training.trainer import quiet_ray_data
 
     try:
         mode = EvalMode(args.mode, args.crop, args.stride, args.scales, args.flip)
@@ -71,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{folder}: model predicts {meta['num_classes']} classes but "
                 f"{args.data}/dataset.json has {info.num_classes}"
             )
+        if args.split not in info.splits:
+            raise DatasetError(
+                f"{args.data}/dataset.json has no split '{args.split}' (has {sorted(info.splits)})"
+            )
+        quiet_environment(args.verbose)
         init_ray()
+        quiet_ray_data(not args.verbose)
         dataset = eval_dataset(args.data, info, args.split)
     except (CheckpointError, DatasetError, ValueError) as e:
         return fail(str(e))
@@ -84,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         dtypes={"image": torch.float32, "mask": torch.int64, "valid": torch.bool},
     )
+    rows = info.splits[args.split].rows
+    bar = Bar(f"evaluating {args.split}", rows, "img", enabled=sys.stderr.isatty())
+    batches = iterate(batches, bar, lambda b: len(b["mask"]))
     counts = evaluate_counts(
         model,
         batches,
@@ -92,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         mode=mode,
         boundary_width=args.boundary_width,
     )
-    rows = info.splits[args.split].rows
     print(f"checkpoint: {folder}\ndata: {args.data} [{args.split}, {rows} images]")
     print(f"mode: {mode.describe()}")
     if counts.boundary is not None:

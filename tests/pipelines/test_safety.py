@@ -217,3 +217,18 @@ def test_help_names_keys_and_print_config_shows_the_resolved_yaml(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["lr"] == 0.05 and printed["eval"]["flip"] is True
     assert printed["data"]["root"] == "data/synthetic"  # the embedded default, nothing run
+
+
+@pytest.mark.slow
+def test_use_gpu_without_a_gpu_fails_at_once(ray_session, tiny_data, tiny_overrides, tmp_path,
+                                             capsys):  # fmt: skip
+    """Was rc 0 with nothing said (issue 26): on the test session's own instance (started by
+    this process, as a pipeline starts its private one) it fails at once, naming the GPU."""
+    import time
+
+    args = tiny_overrides(tiny_data, str(tmp_path / "out"), **{"trainer.use_gpu": "true"})
+    start = time.monotonic()
+    assert distill.main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 GPU" in err and "0 GPU" in err and "this machine's own Ray instance" in err
+    assert time.monotonic() - start < 60  # no resource wait
