@@ -81,6 +81,9 @@ class ModelConfig:
     # Local pretrained backbone weights: a torchvision-format ResNet state_dict, or a SegFormer
     # ImageNet release (mit_b*.pth) for MiT backbones.
     pretrained: str | None = None
+    # A pretrained file that fits the backbone only in part (another stem, width or depth) is an
+    # error naming what does not fit; true loads the tensors that do and reports the rest.
+    pretrained_partial: bool = False
     # Weakly supervised networks (MiT + SegFormer): the image-level classifier (1x1 conv, no bias,
     # global max pooling) and the affinity head on the last stage's attention maps.
     cls_head: bool = False

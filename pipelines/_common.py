@@ -95,6 +95,7 @@ def run_pipeline(
                 f"({regime.pipeline} runs {', '.join(regime.methods)})"
             )
         validate(cfg)
+        check_pretrained(cfg)
     except ConfigError as e:
         return fail(str(e))
     if args.print_config:
@@ -135,6 +136,20 @@ def run_pipeline(
         return 130
     print(f"\n{report}\n  wall time {time.perf_counter() - start:.0f} s", flush=True)
     return 0
+
+
+def check_pretrained(cfg) -> None:
+    """`model.pretrained` (and the teacher's) loads whole, before Ray starts: a file that fits
+    only in part is a ConfigError naming the key and the tensors, not a worker's traceback."""
+    from components.config import ConfigError
+    from components.models.build import build_model
+
+    for key, model in (("model", cfg.model), ("teacher.model", cfg.teacher.model)):
+        if model.pretrained and not (key == "teacher.model" and cfg.teacher.checkpoint):
+            try:
+                build_model(model, num_classes=2)
+            except ValueError as e:
+                raise ConfigError(f"'{key}.pretrained': {e}") from None
 
 
 RESUME_HINT = "\nthe run keeps its last complete checkpoint: the same command resumes from it"

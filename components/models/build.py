@@ -175,7 +175,8 @@ def _build_segformer(cfg: ModelConfig, num_classes: int) -> SegFormerModel:
         )
     encoder = build_mit(cfg.backbone, cfg.width, MIT_STRIDES[cfg.output_stride], cfg.drop_path)
     if cfg.pretrained:
-        _print_report(cfg.pretrained, load_pretrained_mit(encoder, cfg.pretrained))
+        report = load_pretrained_mit(encoder, cfg.pretrained, cfg.pretrained_partial)
+        _print_report(cfg.pretrained, report)
     head = SegFormerHead(encoder.out_channels, num_classes, _scaled(256, cfg.width, 16))
     model = SegFormerModel(encoder, head, num_classes, cfg.cls_head)
     model.name = f"segformer-{cfg.backbone} x{cfg.width:g}"
@@ -206,7 +207,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> SegmentationModel | SegFo
         aux_in = backbone.out_channels["layer3"]
         aux_head = FCNAuxHead(aux_in, num_classes, _scaled(256, cfg.width, 16))
     if cfg.pretrained:
-        _print_report(cfg.pretrained, load_pretrained_backbone(backbone, cfg.pretrained))
+        report = load_pretrained_backbone(backbone, cfg.pretrained, cfg.pretrained_partial)
+        _print_report(cfg.pretrained, report)
     model = SegmentationModel(backbone, head, num_classes, aux_head)
     model.name = f"{cfg.head}-{cfg.backbone} x{cfg.width:g}"
     return model

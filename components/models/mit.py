@@ -308,7 +308,9 @@ def build_mit(
     )
 
 
-def load_pretrained_mit(model: MixVisionTransformer, path: str) -> dict[str, list[str]]:
+def load_pretrained_mit(
+    model: MixVisionTransformer, path: str, partial: bool = False
+) -> dict[str, list[str]]:
     """Load a local MiT state_dict file (NVlabs `mit_b*.pth` layout) into `model` (non-strict).
 
     The file may hold the state dict itself or a dict with a "state_dict" or "model" entry;
@@ -319,4 +321,4 @@ def load_pretrained_mit(model: MixVisionTransformer, path: str) -> dict[str, lis
     for their shape}. Raises ValueError naming the file when it is unreadable, not a state dict,
     or shares no key with the model.
     """
-    return load_weights_file(model, path, ignore_prefix="head.", what="the MiT encoder")
+    return load_weights_file(model, path, "head.", "the MiT encoder", partial)

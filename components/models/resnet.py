@@ -190,7 +190,9 @@ def _strip(key: str) -> str:
     return key
 
 
-def load_pretrained_backbone(backbone: nn.Module, path: str) -> dict[str, list[str]]:
+def load_pretrained_backbone(
+    backbone: nn.Module, path: str, partial: bool = False
+) -> dict[str, list[str]]:
     """Load a local torchvision-format ResNet state_dict file into `backbone` (non-strict).
 
     The file may hold the state dict itself or a dict with a "state_dict" or "model" entry;
@@ -198,18 +200,21 @@ def load_pretrained_backbone(backbone: nn.Module, path: str) -> dict[str, list[s
     shape differs from the model's are skipped. Returns {"missing": model keys absent from the
     file, "unexpected": file keys the model lacks, "mismatched": keys skipped for their shape}.
     Raises ValueError naming the file when it is unreadable, not a state dict, or shares no key
-    with the model.
+    with the model, and, unless `partial`, when any backbone tensor is missing from it or has
+    another shape (e.g. a deep-stem ResNet-V1c file, as CIRKD's `resnet18-imagenet.pth`).
     """
-    return load_weights_file(backbone, path, ignore_prefix="fc.", what="the backbone")
+    return load_weights_file(backbone, path, "fc.", "the backbone", partial)
 
 
 def load_weights_file(
-    module: nn.Module, path: str, ignore_prefix: str, what: str
+    module: nn.Module, path: str, ignore_prefix: str, what: str, partial: bool = False
 ) -> dict[str, list[str]]:
     """The loader behind the backbones' `load_pretrained_*`: read `path` (weights only), unwrap
     and strip prefixes, drop keys starting with `ignore_prefix` (an ImageNet classifier), load
-    the tensors whose name and shape match into `module` (non-strict) and report the rest.
-    `what` names the module in errors."""
+    the tensors whose name and shape match into `module` and report the rest. Unless `partial`,
+    a model tensor the file lacks or holds in another shape is an error naming them (nothing is
+    loaded); keys the model lacks (a segmentation head) are only reported. `what` names the
+    module in errors."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zips, pickles, missing files all raise different types
@@ -231,10 +236,23 @@ def load_weights_file(
             )
         sample = ", ".join(list(loaded)[:5])
         raise ValueError(f"{path}: no key matches {what} (file has e.g. {sample})")
-    module.load_state_dict(matched, strict=False)
     # Old torchvision files predate BatchNorm's num_batches_tracked; it does not affect eval.
-    return {
+    report = {
         "missing": [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")],
         "unexpected": [k for k in loaded if k not in own],
         "mismatched": [k for k in loaded if k in own and own[k].shape != loaded[k].shape],
     }
+    if not partial and (report["missing"] or report["mismatched"]):
+        shapes = "; ".join(
+            f"{k} {tuple(loaded[k].shape)} here {tuple(own[k].shape)}"
+            for k in report["mismatched"][:3]
+        )
+        raise ValueError(
+            f"{path}: fits {what} only in part: {len(report['missing'])} tensor(s) missing "
+            f"(e.g. {', '.join(report['missing'][:3]) or '-'}), {len(report['mismatched'])} of "
+            f"another shape ({shapes or '-'}), {len(report['unexpected'])} the model lacks "
+            f"(e.g. {', '.join(report['unexpected'][:3]) or '-'}). Another variant (a deep "
+            "stem?), width or depth; set pretrained_partial=true to load the tensors that fit"
+        )
+    module.load_state_dict(matched, strict=False)
+    return report

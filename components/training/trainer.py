@@ -131,6 +131,16 @@ def storage_of(cfg: Config) -> str:
     return absolute_storage(cfg.trainer.storage_path)
 
 
+# Keys that change how a run is measured, shown or checked, not what it trains: not in its name
+# (names stay what they were before these keys existed, so older runs still resume).
+NOT_IN_NAME = (
+    "eval",
+    "trainer.progress",
+    "model.pretrained_partial",
+    "teacher.model.pretrained_partial",
+)
+
+
 def run_name(cfg: Config, prefix: str | None = None) -> str:
     """Deterministic: the same experiment gets the same name, so re-running resumes it.
 
@@ -151,11 +161,17 @@ def run_name(cfg: Config, prefix: str | None = None) -> str:
             prefetch_batches=0,
             val_batch_size=8,
             cache_encoded=None,
-            generate_synthetic=True,
+            # None (the default since the key could be None) hashes as True, the default before
+            generate_synthetic=cfg.data.generate_synthetic is not False,
         ),
     )
     tree = to_dict(key)
-    del tree["eval"]
+    for dotted in NOT_IN_NAME:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        del node[leaf]
     return f"{prefix}-{cfg.method.name}-{cfg.model.backbone}-{fingerprint(tree)}"
 
 

@@ -251,7 +251,12 @@ def test_pretrained_partial_and_bad_files(tmp_path) -> None:
     partial["backbone.norm1.weight"] = torch.zeros(99)  # wrong shape: skipped
     path = tmp_path / "segformer.pth"
     torch.save(partial, path)
-    report = load_pretrained_mit(model, str(path))
+    with pytest.raises(
+        ValueError, match=r"fits the MiT encoder only in part: 1 tensor\(s\) missing"
+    ):
+        load_pretrained_mit(model, str(path))  # by default: an error, nothing loaded
+    assert not torch.equal(model.block1[0].attn.q.weight, sd["block1.0.attn.q.weight"])
+    report = load_pretrained_mit(model, str(path), partial=True)
     assert report == {
         "missing": ["norm4.bias"],
         "unexpected": ["decode_head.linear_pred.weight"],

@@ -204,7 +204,9 @@ def test_load_pretrained_skips_mismatched_shape(tmp_path: Path) -> None:
 
     dst = _fresh(2)
     before = dst.layer1[0].conv1.weight.clone()
-    report = load_pretrained_backbone(dst, str(path))
+    with pytest.raises(ValueError, match=r"only in part: 1 tensor\(s\) missing.*1 of another"):
+        load_pretrained_backbone(dst, str(path))
+    report = load_pretrained_backbone(dst, str(path), partial=True)
     assert report == {
         "missing": ["layer4.1.bn2.running_var"],
         "unexpected": ["extra.weight"],
@@ -249,6 +251,9 @@ def test_build_model_loads_and_reports_pretrained(
     sd["layer1.0.conv1.weight"] = torch.zeros(1, 1, 1, 1)
     torch.save(sd, path)
     cfg = ModelConfig(backbone="resnet18", width=0.25, pretrained=str(path))
+    with pytest.raises(ValueError, match="pretrained_partial=true"):
+        build_model(cfg, num_classes=K)
+    cfg.pretrained_partial = True  # asked for: the tensors that fit, and a report of the rest
     model = build_model(cfg, num_classes=K)
     printed = capsys.readouterr().out
     assert f"loaded pretrained backbone from {path}: 0 missing, 0 unexpected, 1 mismatched" in (
@@ -305,3 +310,39 @@ def test_atrous_conv_shortcut_equals_the_full_dilated_conv(size, dilation):
     reference.load_state_dict(conv.state_dict())
     x = torch.randn(2, 4, size, size, dtype=torch.float64)
     torch.testing.assert_close(conv(x), reference(x))
+
+
+def test_a_deep_stem_file_is_an_error_not_a_silent_partial_load(tmp_path: Path) -> None:
+    """CIRKD's ImageNet file for its students (`resnet18-imagenet.pth`, the name our configs
+    used) is a deep-stem ResNet-V1c: winycg/CIRKD models/base_models/resnetv1b.py, deep_stem=True
+    -> conv1/bn1 64 (3x3, stride 2), conv2/bn2 64, conv3/bn3 128, so layer1.0 takes 128 channels
+    and gets a downsample. Loaded into our 7x7-stem ResNet-18 it left the stem and layer1.0.conv1
+    random with only a printed report (18 unexpected, 2 mismatched keys)."""
+    ours = build_backbone("resnet18", 1.0).state_dict()
+    deep = dict(ours)
+
+    def bn(prefix: str, n: int) -> None:
+        for name, value in (("weight", torch.ones(n)), ("bias", torch.zeros(n)),
+                            ("running_mean", torch.zeros(n)), ("running_var", torch.ones(n)),
+                            ("num_batches_tracked", torch.tensor(0))):  # fmt: skip
+            deep[f"{prefix}.{name}"] = value
+
+    deep["conv1.weight"] = torch.randn(64, 3, 3, 3)
+    deep["conv2.weight"], deep["conv3.weight"] = (
+        torch.randn(64, 64, 3, 3),
+        torch.randn(128, 64, 3, 3),
+    )
+    bn("bn2", 64), bn("bn3", 128)
+    deep["layer1.0.conv1.weight"] = torch.randn(64, 128, 3, 3)
+    deep["layer1.0.downsample.0.weight"] = torch.randn(64, 128, 1, 1)
+    bn("layer1.0.downsample.1", 64)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(deep, path)
+    with pytest.raises(
+        ValueError,
+        match=r"2 of another shape \(conv1\.weight \(64, 3, 3, 3\)"
+        r" here \(64, 3, 7, 7\); layer1\.0\.conv1\.weight.*18 the model lacks",
+    ):
+        load_pretrained_backbone(build_backbone("resnet18", 1.0), str(path))
+    report = load_pretrained_backbone(build_backbone("resnet18", 1.0), str(path), partial=True)
+    assert (len(report["unexpected"]), len(report["mismatched"])) == (18, 2)

@@ -232,3 +232,36 @@ def test_use_gpu_without_a_gpu_fails_at_once(ray_session, tiny_data, tiny_overri
     err = capsys.readouterr().err
     assert "1 GPU" in err and "0 GPU" in err and "this machine's own Ray instance" in err
     assert time.monotonic() - start < 60  # no resource wait
+
+
+def test_run_names_did_not_change_with_the_new_keys():
+    """Keys added since (eval, trainer.progress, model.pretrained_partial, a None
+    data.generate_synthetic) are not in the name, so runs made before them still resume. The
+    names were computed with the code at commit 5605b5f."""
+    from components.config import load_config
+
+    cfg = load_config([])
+    assert trainer.run_name(cfg) == "distill-sstkd-resnet18-e0e063d1"
+    teacher = trainer.teacher_training_config(cfg)
+    assert trainer.run_name(teacher, prefix="teacher") == "teacher-none-resnet18-0acadb17"
+    kd = load_config(["--config", "configs/kd_cityscapes_deeplabv3_r101_r18.yaml",
+                      "model.pretrained=null"])  # fmt: skip
+    assert trainer.run_name(kd) == "distill-kd-resnet18-cb6f699d"
+    flipped = load_config(["eval.flip=true", "trainer.progress=lines"])
+    assert trainer.run_name(flipped) == "distill-sstkd-resnet18-e0e063d1"
+
+
+def test_a_partial_pretrained_file_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from components.models.build import build_backbone
+
+    monkeypatch.setattr(_common, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    state = build_backbone("resnet18", 0.25).state_dict()
+    state["conv1.weight"] = torch.zeros(16, 3, 3, 3)  # a 3x3 (deep) stem's first conv
+    path = tmp_path / "r18.pth"
+    torch.save(state, path)
+    args = [f"model.pretrained={path}", "model.width=0.25", f"trainer.storage_path={tmp_path}"]
+    assert distill.main(args) == 2
+    err = capsys.readouterr().err
+    assert "'model.pretrained'" in err and "conv1.weight (16, 3, 3, 3) here (16, 3, 7, 7)" in err
