@@ -258,6 +258,7 @@ def validate(cfg: Config) -> None:
     _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
     _check(t.progress in ("auto", "bar", "lines"), "trainer.progress", "must be auto, bar or lines")
     _check(t.image_every >= 0, "trainer.image_every", "must be >= 0")
+    _check(t.eval_every >= 1, "trainer.eval_every", f"must be >= 1, got {t.eval_every}")
     _check(t.panel_images >= 0, "trainer.panel_images", "must be >= 0")
     if t.name is not None:
         _check_name(t.name, "trainer.name")

@@ -255,6 +255,9 @@ class TrainerConfig:
     progress: str = "auto"
     # Ray's own output (Train's INFO logs, Ray Data's plans and progress bars); `--verbose`.
     verbose: bool = False
+    # Epochs between evaluations of val (the last always evaluates). An epoch without one
+    # reports miou -1, so it never becomes the best checkpoint; it is still checkpointed.
+    eval_every: int = 1
     image_every: int = 1  # epochs between TensorBoard image panels (the last always; 0: none)
     panel_images: int = 4  # the first N val images shown in the panels
     seed: int = 0

@@ -266,14 +266,24 @@ def _epoch_totals(w: Worker, stats: EpochStats) -> dict:
     return {"steps": steps, "bad_rows": int(bad), "wait_s": wait_s, "train_s": train_s}
 
 
+NOT_EVALUATED = -1.0  # miou / pixel_acc of an epoch without evaluation: never the best checkpoint
+
+
+def evaluates(cfg: Config, epoch: int) -> bool:
+    """Whether the 0-based `epoch` ends with an evaluation: every `trainer.eval_every` epochs
+    and always the last."""
+    t = cfg.trainer
+    return (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
+
+
 def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tuple[dict, dict]:
     """Evaluate, update the best mIoU; (what the epoch reports, the terms' means). Rank 0 logs
     the evaluation (per-class IoU, image panels) in the run folder."""
     t_eval = time.perf_counter()
-    counts = evaluate(w, w.method.eval_model())
-    confusion = counts.confusion
+    evaluated = evaluates(w.cfg, epoch)
+    counts = evaluate(w, w.method.eval_model()) if evaluated else None
     eval_s = time.perf_counter() - t_eval
-    mean_iou, per_class = miou(confusion)
+    mean_iou, per_class = miou(counts.confusion) if counts else (NOT_EVALUATED, None)
     terms = mean_terms(stats.sums, stats.reported, w.world)
     p = w.progress
     p["epoch"] = epoch + 1
@@ -284,7 +294,7 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
     metrics = {
         **{k: p[k] for k in keys if k in p},
         "miou": mean_iou,
-        "pixel_acc": pixel_accuracy(confusion),
+        "pixel_acc": pixel_accuracy(counts.confusion) if counts else NOT_EVALUATED,
         "lr": w.optimizer.param_groups[0]["lr"],
         **terms,
         "images_per_s": totals["steps"] * w.cfg.data.batch_size / max(1e-9, train_s),
@@ -294,9 +304,9 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
         "bad_rows": totals["bad_rows"],
         "world_size": w.world,
     }
-    if counts.boundary is not None:
+    if counts is not None and counts.boundary is not None:
         metrics["boundary_iou"] = boundary_iou(counts.boundary)[0]
-    if w.log is not None:
+    if w.log is not None and counts is not None:
         names = w.config.get("class_names") or [str(k) for k in range(len(per_class))]
         every, epochs = w.cfg.trainer.image_every, w.cfg.trainer.epochs
         show = every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
@@ -441,8 +451,13 @@ def _train(w: Worker) -> None:
         if "boundary_iou" in metrics:
             band = w.cfg.eval.boundary_width
             shown = f"bIoU@{band}px {100 * metrics['boundary_iou']:.2f}  {shown}"
+        val = (
+            f"val mIoU {100 * metrics['miou']:.2f}"
+            if metrics["miou"] != NOT_EVALUATED
+            else f"(val every {t.eval_every} epochs)"
+        )
         w.print0(
-            f"epoch {epoch + 1}/{t.epochs}: val mIoU {100 * metrics['miou']:.2f}  {shown}  "
+            f"epoch {epoch + 1}/{t.epochs}: {val}  {shown}  "
             f"{metrics['images_per_s']:.1f} img/s, data wait "
             f"{100 * metrics['data_wait_share']:.0f}%"
         )

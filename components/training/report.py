@@ -125,7 +125,8 @@ def curves_png(steps: list[dict], epochs: list[dict]) -> bytes:
     source = steps if len(steps) > 1 else epochs
     terms = sorted({k for r in source for k, v in r.items() if k not in NOT_TERMS and _number(v)})
     left = _chart("train loss terms (symmetric log)", _series(source, terms), log_y=True)
-    right = _chart("val mIoU %", _series(epochs, ["miou", "teacher_miou"], 100.0), log_y=False)
+    evaluated = [r for r in epochs if r.get("miou", 0) >= 0]  # -1: an epoch not evaluated
+    right = _chart("val mIoU %", _series(evaluated, ["miou", "teacher_miou"], 100.0), log_y=False)
     img = Image.new("RGB", (2 * W, H), "white")
     img.paste(left, (0, 0))
     img.paste(right, (W, 0))
@@ -175,7 +176,7 @@ def write_run_report(run_folder: str, cfg: Config, summary: list[tuple[str, str]
     if epochs:
         lines += ["## Evaluations", "", "| epoch | iteration | val mIoU | pixel acc | img/s |"]
         lines += ["|---:|---:|---:|---:|---:|"]
-        for r in epochs:
+        for r in (r for r in epochs if r.get("miou", 0) >= 0):
             lines.append(
                 f"| {r.get('epoch')} | {r.get('iteration')} | {100 * r.get('miou', math.nan):.2f}"
                 f" | {100 * r.get('pixel_acc', math.nan):.2f}"

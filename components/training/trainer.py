@@ -136,6 +136,7 @@ def storage_of(cfg: Config) -> str:
 NOT_IN_NAME = (
     "eval",
     "trainer.progress",
+    "trainer.eval_every",
     "model.pretrained_partial",
     "teacher.model.pretrained_partial",
 )

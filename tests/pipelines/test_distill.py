@@ -388,3 +388,30 @@ def test_output_is_ours_unless_verbose(ray_session, tiny_data, tiny_overrides, t
     report = (run / "report.md").read_text()
     assert "![loss terms and val mIoU" in report and (run / "curves.png").is_file()
     assert len(list((run / "panels").glob("*.png"))) == 4  # trainer.panel_images
+
+
+def test_evaluation_every_n_epochs_keeps_the_best_evaluated_checkpoint(
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+):
+    """trainer.eval_every=2 over 3 epochs: val after epochs 2 and 3 (the last always), none
+    after epoch 1, which reports miou -1 and so can never be kept as the best checkpoint."""
+    from components.training.loop import evaluates
+
+    extra = {"method.name": "none", "trainer.epochs": "3", "trainer.eval_every": "2"}
+    args = tiny_overrides(tiny_data, str(tmp_path / "out"), **extra)
+    assert distill.main(args) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/3: (val every 2 epochs)" in out
+    assert "epoch 2/3: val mIoU" in out and "epoch 3/3: val mIoU" in out
+    run = _run_dir(tmp_path / "out", "distill-none")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["miou"] >= 0 for r in rows] == [False, True, True]
+    assert rows[-1]["best_epoch"] in (2, 3)
+    assert not (run / "epoch_0001").exists()  # neither the best nor the newest
+    assert [evaluates(_cfg_every(2, 5), e) for e in range(5)] == [False, True, False, True, True]
+
+
+def _cfg_every(every: int, epochs: int):
+    from components.config import load_config
+
+    return load_config([f"trainer.eval_every={every}", f"trainer.epochs={epochs}"])
