@@ -244,10 +244,9 @@ def test_run_names_did_not_change_with_the_new_keys():
     assert trainer.run_name(cfg) == "distill-sstkd-resnet18-e0e063d1"
     teacher = trainer.teacher_training_config(cfg)
     assert trainer.run_name(teacher, prefix="teacher") == "teacher-none-resnet18-0acadb17"
-    kd = load_config(["--config", "configs/kd_cityscapes_deeplabv3_r101_r18.yaml",
-                      "model.pretrained=null"])  # fmt: skip
-    assert trainer.run_name(kd) == "distill-kd-resnet18-cb6f699d"
-    flipped = load_config(["eval.flip=true", "trainer.progress=lines"])
+    semisup = load_config(["--config", "configs/cross_image_synthetic.yaml"])
+    assert trainer.run_name(semisup) == "semisup-cross_image-resnet18-091cd893"
+    flipped = load_config(["eval.flip=true", "trainer.progress=lines", "trainer.eval_every=2"])
     assert trainer.run_name(flipped) == "distill-sstkd-resnet18-e0e063d1"
 
 
