@@ -171,7 +171,11 @@ def _validate_model(m: ModelConfig, prefix: str) -> None:
 def validate(cfg: Config) -> None:
     """Check values that the types alone cannot; raises ConfigError naming the key."""
     d, o, t = cfg.data, cfg.optim, cfg.trainer
-    _check(d.crop_size >= 16, "data.crop_size", f"must be >= 16, got {d.crop_size}")
+    _check(
+        _crop_ok(d.crop_size),
+        "data.crop_size",
+        f"must be >= 16 or [h, w] each >= 16, got {d.crop_size}",
+    )
     _check(0 < d.scale_min <= d.scale_max, "data.scale_min", "need 0 < scale_min <= scale_max")
     _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _check(d.val_batch_size >= 1, "data.val_batch_size", "must be >= 1")
@@ -264,6 +268,15 @@ def validate(cfg: Config) -> None:
         _check_name(t.name, "trainer.name")
     _validate_eval(cfg)
     _check_finite(cfg, "")
+
+
+def _crop_ok(crop: Any) -> bool:
+    """`data.crop_size`: an int >= 16, or [height, width] with each >= 16."""
+    if isinstance(crop, int) and not isinstance(crop, bool):
+        return crop >= 16
+    if isinstance(crop, (list, tuple)) and len(crop) == 2:
+        return all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in crop)
+    return False
 
 
 def _check_name(name: str, key: str) -> None:

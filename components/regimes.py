@@ -179,15 +179,16 @@ def _supervised_checks(cfg: Config) -> None:
             f"so it takes no distillation term (set method.name to one that has a teacher)"
         )
     if weights.get("structural", 0) > 0:
+        from components.data.augment import crop_hw
         from components.distillation.contourlet import max_levels
 
-        crop = cfg.data.crop_size
-        low = -(-crop // 4)  # the stride-4 `low` map of a training crop
-        limit = max_levels(low, low)
+        ch, cw = crop_hw(cfg.data.crop_size)
+        low_h, low_w = -(-ch // 4), -(-cw // 4)  # the stride-4 `low` map of a training crop
+        limit = max_levels(low_h, low_w)
         if cfg.method.cdm.levels > limit:
             raise ConfigError(
-                f"'method.cdm.levels': {cfg.method.cdm.levels} is too deep for the {low}x{low} "
-                f"low-level map of {crop}px crops: at most {limit} levels"
+                f"'method.cdm.levels': {cfg.method.cdm.levels} is too deep for the "
+                f"{low_h}x{low_w} low-level map of {ch}x{cw} crops: at most {limit} levels"
             )
     _no_weak_heads(cfg)
 

@@ -8,6 +8,7 @@ structured configs) and validates the values; it re-exports everything here, so
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 MITS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
@@ -57,7 +58,7 @@ class DataConfig:
     # supervised baseline makes as many steps per epoch as a semi-supervised run).
     train_repeat: int = 1
     num_classes: int | None = None  # if set, must equal dataset.json's num_classes
-    crop_size: int = 48
+    crop_size: Any = 48  # pixels: an int (square) or [height, width], e.g. [512, 1024]
     scale_min: float = 0.75
     scale_max: float = 1.5
     flip: bool = True

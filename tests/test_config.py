@@ -195,7 +195,7 @@ def test_paper_protocols_are_about_40k_iterations():
 def test_cdm_levels_checked_against_the_crop_before_training():
     # 48 px crops -> a 12x12 stride-4 map -> at most 3 pyramid levels (12, 6, 3 px inputs).
     load_config(["method.cdm.levels=3"])
-    with pytest.raises(ConfigError, match=r"method\.cdm\.levels.*12x12 .* 48px crops: at most 3"):
+    with pytest.raises(ConfigError, match=r"method\.cdm\.levels.*12x12 .* 48x48 crops: at most 3"):
         load_config(["method.cdm.levels=4"])
     load_config(["method.cdm.levels=4", "method.weights.structural=0"])  # no CDM term, no limit
 

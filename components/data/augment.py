@@ -20,19 +20,28 @@ IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 IMAGENET_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 
 
+def crop_hw(crop_size) -> tuple[int, int]:
+    """`data.crop_size` as (height, width): an int is a square, a pair is (height, width)."""
+    if isinstance(crop_size, (int, np.integer)):
+        return int(crop_size), int(crop_size)
+    h, w = crop_size
+    return int(h), int(w)
+
+
 def random_scale_crop_flip(
     image: np.ndarray,
     mask: np.ndarray,
-    crop_size: int,
+    crop_size: int | tuple[int, int],
     scale_range: tuple[float, float],
     flip: bool,
     rng: np.random.Generator,
     ignore_index: int = 255,
     with_area: bool = False,
 ) -> tuple[np.ndarray, ...]:
-    """Rescale by s ~ U(scale_range), pad, crop crop_size x crop_size, maybe flip horizontally.
+    """Rescale by s ~ U(scale_range), pad, crop ch x cw (`crop_size`: an int for a square, or
+    (height, width), e.g. CIRKD's 512x1024 Cityscapes crops), maybe flip horizontally.
 
-    image (H, W, 3) uint8, mask (H, W) uint8 -> (crop, crop, 3) uint8, (crop, crop) uint8.
+    image (H, W, 3) uint8, mask (H, W) uint8 -> (ch, cw, 3) uint8, (ch, cw) uint8.
     The image is resized bilinearly and the mask by nearest neighbour; both share the crop
     offset and the flip (p = 0.5). Padding (bottom/right, when the scaled image is smaller than
     the crop) is 0 in the image and `ignore_index` in the mask. `with_area` also returns a
@@ -46,12 +55,13 @@ def random_scale_crop_flip(
         image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         mask = resize(mask, (nh, nw), order=0, preserve_range=True, anti_aliasing=False)
         mask = mask.astype(np.uint8)
-    image, mask = pad_to(image, mask, max(nh, crop_size), max(nw, crop_size), ignore_index)
-    y = int(rng.integers(0, image.shape[0] - crop_size + 1))
-    x = int(rng.integers(0, image.shape[1] - crop_size + 1))
-    image = image[y : y + crop_size, x : x + crop_size]
-    mask = mask[y : y + crop_size, x : x + crop_size]
-    area = np.zeros((crop_size, crop_size), bool)
+    ch, cw = crop_hw(crop_size)
+    image, mask = pad_to(image, mask, max(nh, ch), max(nw, cw), ignore_index)
+    y = int(rng.integers(0, image.shape[0] - ch + 1))
+    x = int(rng.integers(0, image.shape[1] - cw + 1))
+    image = image[y : y + ch, x : x + cw]
+    mask = mask[y : y + ch, x : x + cw]
+    area = np.zeros((ch, cw), bool)
     area[: max(0, nh - y), : max(0, nw - x)] = True
     if flip and rng.random() < 0.5:
         image, mask, area = image[:, ::-1], mask[:, ::-1], area[:, ::-1]
@@ -113,6 +123,7 @@ def normalize(images: np.ndarray) -> np.ndarray:
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "crop_hw",
     "normalize",
     "pad_to",
     "random_scale_crop_flip",

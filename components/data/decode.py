@@ -30,7 +30,13 @@ import zlib
 
 import numpy as np
 
-from components.data.augment import normalize, pad_to, random_scale_crop_flip, strong_photometric
+from components.data.augment import (
+    crop_hw,
+    normalize,
+    pad_to,
+    random_scale_crop_flip,
+    strong_photometric,
+)
 from components.data.images import decode_image, decode_mask
 from components.data.shards import DatasetInfo, read_split_table
 
@@ -131,7 +137,7 @@ def _seeded_batch(
 def decode_train_batch(
     batch: dict[str, np.ndarray],
     *,
-    crop_size: int,
+    crop_size: int | tuple[int, int],
     scale_range: tuple[float, float],
     flip: bool,
     seed: int | None = None,
@@ -144,7 +150,7 @@ def decode_train_batch(
     `shuffle` permutes the rows first (the in-batch part of the training shuffle: Ray's local
     shuffle buffer is slow and breaks DDP step parity, so rows are shuffled here instead).
 
-    Output columns (B rows in, B rows out): see the module docstring; H = W = crop_size.
+    Output columns (B rows in, B rows out): see the module docstring; (H, W) = the crop.
     `seed`: see the module docstring.
     """
     rng, batch = _seeded_batch(batch, seed, shuffle)
@@ -156,7 +162,7 @@ def decode_train_batch(
                 pair[0], pair[1], crop_size, scale_range, flip, rng, ignore_index
             )
         out.append((row_id, pair))
-    return _assemble(out, crop_size, crop_size, ignore_index)
+    return _assemble(out, *crop_hw(crop_size), ignore_index)
 
 
 def _crop_with_optional_mask(
@@ -165,7 +171,7 @@ def _crop_with_optional_mask(
     mask_bytes: bytes | None,
     num_classes: int,
     ignore_index: int,
-    crop_size: int,
+    crop_size: int | tuple[int, int],
     scale_range: tuple[float, float],
     flip: bool,
     rng: np.random.Generator,
@@ -187,7 +193,7 @@ def _crop_with_optional_mask(
 def decode_unlabeled_batch(
     batch: dict[str, np.ndarray],
     *,
-    crop_size: int,
+    crop_size: int | tuple[int, int],
     scale_range: tuple[float, float],
     flip: bool,
     strong: tuple[str, ...] | list[str],
@@ -208,11 +214,11 @@ def decode_unlabeled_batch(
     rng, batch = _seeded_batch(batch, seed, shuffle)
     ids = [str(i) for i in batch["id"]]
     masks = batch.get("mask")
-    n = len(ids)
-    weak = np.zeros((n, crop_size, crop_size, 3), np.uint8)
+    n, (ch, cw) = len(ids), crop_hw(crop_size)
+    weak = np.zeros((n, ch, cw, 3), np.uint8)
     strong_views = np.zeros_like(weak)
-    diag = np.full((n, crop_size, crop_size), ignore_index, np.int64)
-    area = np.zeros((n, crop_size, crop_size), bool)
+    diag = np.full((n, ch, cw), ignore_index, np.int64)
+    area = np.zeros((n, ch, cw), bool)
     valid = np.zeros(n, bool)
     for k, row_id in enumerate(ids):
         crop = _crop_with_optional_mask(
@@ -264,7 +270,7 @@ def image_label_vector(labels, num_classes: int) -> np.ndarray | str:
 def decode_weak_batch(
     batch: dict[str, np.ndarray],
     *,
-    crop_size: int,
+    crop_size: int | tuple[int, int],
     scale_range: tuple[float, float],
     flip: bool,
     ignore_index: int = 255,
@@ -286,10 +292,10 @@ def decode_weak_batch(
     ids = [str(i) for i in batch["id"]]
     masks = batch.get("mask")
     labels_column = batch.get("image_labels")
-    n, k = len(ids), num_classes - 1
-    images = np.zeros((n, crop_size, crop_size, 3), np.uint8)
-    diag = np.full((n, crop_size, crop_size), ignore_index, np.int64)
-    area = np.zeros((n, crop_size, crop_size), bool)
+    n, k, (ch, cw) = len(ids), num_classes - 1, crop_hw(crop_size)
+    images = np.zeros((n, ch, cw, 3), np.uint8)
+    diag = np.full((n, ch, cw), ignore_index, np.int64)
+    area = np.zeros((n, ch, cw), bool)
     labels = np.zeros((n, k), np.float32)
     valid = np.zeros(n, bool)
     for j, row_id in enumerate(ids):

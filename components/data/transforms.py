@@ -16,6 +16,7 @@ from __future__ import annotations
 from components.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    crop_hw,
     normalize,
     pad_to,
     random_scale_crop_flip,
@@ -34,6 +35,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "check_row",
+    "crop_hw",
     "decode_eval_batch",
     "decode_train_batch",
     "decode_unlabeled_batch",

@@ -238,3 +238,27 @@ def test_empty_batch_keeps_column_shapes():
     out = decode_eval_batch(_batch([]), pad_height=8, pad_width=8, num_classes=K)
     assert out["image"].shape == (0, 3, 8, 8) and out["mask"].shape == (0, 8, 8)
     assert out["valid"].shape == (0,) and out["id"].shape == (0,)
+
+
+def test_rectangular_crops_keep_image_and_mask_aligned():
+    """data.crop_size [h, w] (CIRKD crops Cityscapes at 512x1024): the crop has that shape and
+    image and mask come from the same place (the mask is the image's red channel / 50 here)."""
+    import numpy as np
+
+    from components.data.augment import crop_hw, random_scale_crop_flip
+
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 5, size=(40, 70)).astype(np.uint8)
+    image = np.stack([mask * 50, mask * 10, np.zeros_like(mask)], axis=-1).astype(np.uint8)
+    for seed in range(10):
+        img, msk, area = random_scale_crop_flip(
+            image, mask, (16, 32), (1.0, 1.0), True, np.random.default_rng(seed), with_area=True
+        )
+        assert img.shape == (16, 32, 3) and msk.shape == (16, 32) and area.all()
+        assert (img[..., 0] == msk * 50).all()
+    # Larger than the image: padded bottom/right, padding ignored and outside `area`.
+    img, msk, area = random_scale_crop_flip(
+        image, mask, (48, 80), (1.0, 1.0), False, rng, with_area=True
+    )
+    assert msk.shape == (48, 80) and (msk[40:] == 255).all() and not area[40:].any()
+    assert crop_hw(48) == (48, 48) and crop_hw([512, 1024]) == (512, 1024)
