@@ -248,6 +248,9 @@ class TrainerConfig:
     # A cluster without an autoscaler that is too small for the run: seconds to wait for nodes to
     # join before failing with the numbers (an autoscaling cluster is checked against its maximum).
     resource_wait_s: float = 60.0
+    # SyncBatchNorm across workers (CIRKD / SSTKD train 2 images per GPU with it). None: on when
+    # more than one GPU worker trains; torch supports it on GPUs only.
+    sync_bn: bool | None = None
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     channels_last: bool = True  # on GPU
     log_every: int = 50  # steps between step lines on the console (TensorBoard gets every step)

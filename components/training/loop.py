@@ -266,6 +266,14 @@ def _epoch_totals(w: Worker, stats: EpochStats) -> dict:
     return {"steps": steps, "bad_rows": int(bad), "wait_s": wait_s, "train_s": train_s}
 
 
+def sync_batch_norm(module: nn.Module, setting: bool | None, on_gpu: bool) -> nn.Module:
+    """`module` with its BatchNorms synchronised across the workers when `trainer.sync_bn` asks
+    (None: on GPUs). The state_dict keys do not change, so checkpoints load into plain models."""
+    if (setting is None and on_gpu) or (setting and on_gpu):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
+
+
 NOT_EVALUATED = -1.0  # miou / pixel_acc of an epoch without evaluation: never the best checkpoint
 
 
@@ -418,6 +426,7 @@ def _train(w: Worker) -> None:
     config = w.config
     if w.world > 1:
         on_gpu = w.device.type == "cuda"
+        w.method.trainable = sync_batch_norm(w.method.trainable, w.cfg.trainer.sync_bn, on_gpu)
         w.method.trainable = nn.parallel.DistributedDataParallel(
             w.method.trainable, device_ids=[w.device.index] if on_gpu else None
         )

@@ -137,6 +137,7 @@ NOT_IN_NAME = (
     "eval",
     "trainer.progress",
     "trainer.eval_every",
+    "trainer.sync_bn",
     "model.pretrained_partial",
     "teacher.model.pretrained_partial",
 )
@@ -401,6 +402,11 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
         _check_same_run(cfg, name)
         _write_config(cfg, name)
         request = _request(cfg)
+        if cfg.trainer.sync_bn and not request.use_gpu and request.num_workers > 1:
+            raise ConfigError(
+                "'trainer.sync_bn': SyncBatchNorm needs GPU workers (torch has no CPU version); "
+                "this run trains on CPUs"
+            )
         wait_for_resources(request, cfg.trainer.resource_wait_s)
         if request.per_worker["CPU"] < cfg.trainer.cpus_per_worker:
             print(

@@ -106,3 +106,29 @@ def test_bad_rows_stop_as_soon_as_the_epoch_limit_is_exceeded():
     assert seen == [1]  # the second step's rows crossed the limit: no step logged after it
     stats = _epoch(_Linear(), [bad, good, good], max_bad_rows=3)
     assert stats.steps == 3 and stats.bad_rows == 2
+
+
+def test_sync_batch_norm_on_gpu_only_and_checkpoints_still_load():
+    """trainer.sync_bn: converted when asked (None: on GPUs); torch's SyncBatchNorm runs on GPUs
+    only, so on CPU nothing is converted. Its state_dict is the plain model's (model.pt loads)."""
+    from components.config import ModelConfig
+    from components.models.build import build_model
+    from components.training.loop import sync_batch_norm
+
+    def kinds(m):
+        return {type(x).__name__ for x in m.modules() if "BatchNorm" in type(x).__name__}
+
+    assert kinds(sync_batch_norm(build_model(ModelConfig(width=0.125), 3), None, False)) == {
+        "BatchNorm2d"
+    }
+    assert kinds(sync_batch_norm(build_model(ModelConfig(width=0.125), 3), True, False)) == {
+        "BatchNorm2d"
+    }
+    plain = build_model(ModelConfig(width=0.125), 3)
+    synced = sync_batch_norm(build_model(ModelConfig(width=0.125), 3), None, True)
+    assert kinds(synced) == {"SyncBatchNorm"}
+    assert sync_batch_norm(build_model(ModelConfig(width=0.125), 3), False, True) is not None
+    assert kinds(sync_batch_norm(build_model(ModelConfig(width=0.125), 3), False, True)) == {
+        "BatchNorm2d"
+    }
+    plain.load_state_dict(synced.state_dict())  # same keys and shapes
