@@ -9,10 +9,18 @@ ablations are config switches. One step, with B_l labeled and B_u unlabeled imag
 1. The EMA teacher (eval mode, no gradient) runs once on [labeled; weak unlabeled]: pseudo labels
    (argmax, confidence >= `threshold`, padding and bad rows never count) and the features the
    relation term needs.
-2. CutMix boxes (`cutmix_prob`) mix the strong views, the pseudo labels, their confidence mask
-   and the teacher's unlabeled features alike.
+2. CutMix boxes (`cutmix_prob`) mix the strong views, the pseudo labels, their confidence mask,
+   the real-pixel mask and the teacher's unlabeled features alike. Image i's partner is image i
+   of the previous step's unlabeled batch (kept on the worker; the teacher predicts its weak
+   view again in the same call as step 1, with the current weights), because UniMatch mixes
+   with a second unlabeled batch (LiheYoung/UniMatch@0324f3d unimatch.py L121-145, L161-172);
+   UniMatch's second batch holds other crops of the same images, which its author calls
+   unintended (issue #85: "the more correct way is CutMix with different images"). Until a
+   previous batch exists (the first step of a run or of a resume: it is not checkpointed) the
+   partner is the batch rolled by one, and a batch of one is not mixed on that step.
 3. The student runs once on [labeled; strong unlabeled] (one forward, so BatchNorm sees both and
-   DDP sees one call). Terms: `ce` (+`aux`) on the labeled masks, `unsup` on the pseudo labels,
+   DDP sees one call). Terms: `ce` (+`aux`) on the labeled masks, `unsup` on the pseudo labels
+   (divided by the real pixels, as UniMatch: `fixmatch.confident_ce`),
    `relation` on pairs (labeled k, unlabeled k) for k < min(B_l, B_u), `style` of the
    unlabeled features against the labeled statistics.
 4. After the optimizer step the loop calls `after_step()`: the EMA update.
@@ -69,6 +77,21 @@ class SemiSupervised(MethodBase):
         self.style_memory = (
             StyleMemory(s.style_memory_momentum) if s.style_memory_momentum is not None else None
         )
+        # The previous step's unlabeled batch, CutMix's partner (module docstring, step 2).
+        self.partner: dict[str, Tensor] | None = None
+
+    def _take_partner(self, current: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """Swap in this step's unlabeled batch; return the previous one, fitted to this batch
+        (image i takes partner i, cycling if the batches differ in size), or None if there is
+        none of this image size."""
+        previous, self.partner = self.partner, current
+        if previous is None or previous["weak"].shape[1:] != current["weak"].shape[1:]:
+            return None
+        b_u, b_p = current["weak"].shape[0], previous["weak"].shape[0]
+        if b_p != b_u:
+            index = torch.arange(b_u, device=current["weak"].device) % b_p
+            previous = {k: v[index] for k, v in previous.items()}
+        return previous
 
     def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         image, mask = batch["image"], batch["mask"]
@@ -77,20 +100,40 @@ class SemiSupervised(MethodBase):
         size = weak.shape[-2:]
         usable = batch["u_area"] & batch["u_valid"][:, None, None]  # real, decodable pixels
 
+        partner = None
+        if self.cutmix_prob > 0:
+            this_batch = {"weak": weak, "strong": strong, "usable": usable}
+            if "u_mask" in batch:
+                this_batch["u_mask"] = batch["u_mask"]
+            partner = self._take_partner(this_batch)
+
         with torch.no_grad():
-            t_out = self.ema.model(torch.cat([image, weak]))
-            labels, _, confident = pseudo_labels(t_out["logits"][b_l:], self.threshold, size)
+            extra = [partner["weak"]] if partner is not None else []
+            t_out = self.ema.model(torch.cat([image, weak, *extra]))
+            t_logits = t_out["logits"][b_l:]
+            labels, _, confident = pseudo_labels(t_logits[:b_u], self.threshold, size)
             confident &= usable
             t_feat = t_out["features"][self.feature]
-            t_feat_l, t_feat_u = t_feat[:b_l], t_feat[b_l:]
-            if self.cutmix_prob > 0:
+            t_feat_l, t_feat_u = t_feat[:b_l], t_feat[b_l : b_l + b_u]
+            current = {"strong": strong, "labels": labels, "confident": confident}
+            current |= {"usable": usable, "t_feat_u": t_feat_u}
+            if "u_mask" in batch:
+                current["u_mask"] = batch["u_mask"]
+            if partner is not None:
+                p_labels, _, p_confident = pseudo_labels(t_logits[b_u:], self.threshold, size)
+                others = {"strong": partner["strong"], "labels": p_labels}
+                others |= {"confident": p_confident & partner["usable"]}
+                others |= {"usable": partner["usable"], "t_feat_u": t_feat[b_l + b_u :]}
+                if "u_mask" in partner:
+                    others["u_mask"] = partner["u_mask"]
+                current = {k: v for k, v in current.items() if k in others}
                 boxes = cutmix_boxes(b_u, self.cutmix_prob)
-                strong = cutmix(strong, boxes)
-                labels, confident = cutmix(labels, boxes), cutmix(confident, boxes)
-                usable = cutmix(usable, boxes)
-                t_feat_u = cutmix(t_feat_u, boxes)
-            else:
-                boxes = None
+                current = {k: cutmix(v, boxes, others[k]) for k, v in current.items()}
+            elif self.cutmix_prob > 0 and b_u > 1:  # no previous batch yet: the batch rolled
+                boxes = cutmix_boxes(b_u, self.cutmix_prob)
+                current = {k: cutmix(v, boxes) for k, v in current.items()}
+            strong, labels, confident = current["strong"], current["labels"], current["confident"]
+            usable, t_feat_u, truth = current["usable"], current["t_feat_u"], current.get("u_mask")
 
         out = self.trainable(torch.cat([image, strong]))
         labeled_out = {k: out[k][:b_l] for k in ("logits", "aux_logits") if k in out}
@@ -101,7 +144,7 @@ class SemiSupervised(MethodBase):
         s_feat_l, s_feat_u = feat[:b_l], feat[b_l:]
         if "unsup" in self.weights:
             terms["unsup"] = self.weights["unsup"] * confident_ce(
-                out["logits"][b_l:], labels, confident
+                out["logits"][b_l:], labels, confident, usable
             )
         if "relation" in self.weights:
             pairs = min(b_l, b_u)
@@ -123,8 +166,7 @@ class SemiSupervised(MethodBase):
 
         with torch.no_grad():  # diagnostics only
             terms["confident_share"] = confident.float().sum() / usable.float().sum().clamp(min=1)
-            if "u_mask" in batch:
-                truth = batch["u_mask"] if boxes is None else cutmix(batch["u_mask"], boxes)
+            if truth is not None:
                 known = confident & (truth != self.ignore_index)
                 if bool(known.any()):
                     terms["pseudo_acc"] = (labels[known] == truth[known]).float().mean()

@@ -63,12 +63,19 @@ def test_terms_and_total():
 def test_unlabeled_masks_never_train():
     """The unlabeled split's masks are a diagnostic: loss and gradients do not depend on them."""
     method = _method(threshold=0.0)
+    _step(method, _batch(seed=5))  # a previous unlabeled batch: CutMix's partner
+    partner = method.partner
+
+    def step(batch):
+        method.partner = partner
+        return _step(method, batch)
+
     batch = _batch()
-    terms_a, grads_a = _step(method, batch)
+    terms_a, grads_a = step(batch)
     other = dict(batch, u_mask=torch.randint(0, 4, batch["u_mask"].shape))
-    terms_b, grads_b = _step(method, other)
+    terms_b, grads_b = step(other)
     no_mask = {k: v for k, v in batch.items() if k != "u_mask"}
-    terms_c, grads_c = _step(method, no_mask)
+    terms_c, grads_c = step(no_mask)
     assert float(terms_a["loss"]) == float(terms_b["loss"]) == float(terms_c["loss"])
     for a, b, c in zip(grads_a, grads_b, grads_c):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -176,3 +183,48 @@ def test_panel_map_is_the_ema_teachers_confident_pseudo_labels():
     assert maps.shape == images.shape[:1] + images.shape[-2:]
     assert torch.equal(maps[confident], labels[confident])
     assert bool((maps[~confident] == 255).all())
+
+
+def test_cutmix_with_one_unlabeled_image_mixes_the_previous_batch(monkeypatch):
+    """A batch of one: the partner is the previous step's image (UniMatch mixes with a second
+    unlabeled batch, LiheYoung/UniMatch@0324f3d unimatch.py L121-145 and L161-172), re-predicted
+    by the current teacher; the box carries that image's strong view, pseudo labels and real-pixel
+    mask, and `unsup` divides by the mixed real pixels (unimatch.py L176-178)."""
+    import components.semisup.method as method_module
+
+    method = _method("fixmatch", threshold=0.0, cutmix_prob=1.0)
+    seen = []
+    method.trainable.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    captured = {}
+    real_ce = method_module.confident_ce
+
+    def spy(logits, labels, confident, usable):
+        captured.update(labels=labels, confident=confident, usable=usable)
+        return real_ce(logits, labels, confident, usable)
+
+    monkeypatch.setattr(method_module, "confident_ce", spy)
+    first, second = _batch(seed=0, b_u=1), _batch(seed=1, b_u=1)
+    second["u_area"][:] = True  # no padding in the second image: the box brings the first's
+    _step(method, first)
+    # No previous batch yet and nothing to roll: the first step is not mixed.
+    assert torch.equal(seen[-1][2:], first["u_image_strong"])
+    _step(method, second)
+    student_u = seen[-1][2:]
+    assert not torch.equal(student_u, second["u_image_strong"])  # before the fix: equal
+    inside = (student_u == first["u_image_strong"]).all(1)[0]  # (H, W): the box
+    outside = (student_u == second["u_image_strong"]).all(1)[0]
+    assert bool((inside ^ outside).all()) and 0 < int(inside.sum()) < inside.numel()
+    from components.semisup.fixmatch import pseudo_labels
+
+    with torch.no_grad():
+        size = first["u_image"].shape[-2:]
+        t_first = pseudo_labels(method.ema.model(first["u_image"])["logits"], 0.0, size)[0][0]
+        t_second = pseudo_labels(method.ema.model(second["u_image"])["logits"], 0.0, size)[0][0]
+    assert bool((t_first[inside] != t_second[inside]).any())  # the check can tell them apart
+    labels = captured["labels"][0]
+    assert torch.equal(labels[inside], t_first[inside])
+    assert torch.equal(labels[outside], t_second[outside])
+    usable = captured["usable"][0]
+    assert torch.equal(usable[inside], first["u_area"][0][inside])
+    assert bool(usable[outside].all())
+    assert torch.equal(captured["confident"][0], usable)  # threshold 0: every real pixel
