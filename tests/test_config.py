@@ -302,3 +302,15 @@ def test_cirkd_protocol_configs_use_its_weight_decay(name):
     )
     cfg = load_config(["--config", path, "model.pretrained=null", "teacher.model.pretrained=null"])
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.02, 0.9, 1e-4)
+
+
+def test_semisup_cityscapes_config_follows_unimatchs_cityscapes_protocol():
+    """LiheYoung/UniMatch configs/cityscapes.yaml: conf_thresh 0 (L18) and
+    replace_stride_with_dilation [False, False, True], output stride 16 (L22); Pascal keeps
+    0.95 (configs/pascal.yaml L16). Found by issue 21's review (item 9)."""
+    city = load_config(["--config", "configs/cross_image_cityscapes_744_r101.yaml",
+                        "model.pretrained=null"])  # fmt: skip
+    assert city.method.semisup.threshold == 0.0 and city.model.output_stride == 16
+    voc = load_config(["--config", "configs/cross_image_voc_1464_r101.yaml",
+                       "model.pretrained=null"])  # fmt: skip
+    assert voc.method.semisup.threshold == 0.95
