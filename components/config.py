@@ -205,6 +205,7 @@ def validate(cfg: Config) -> None:
         d_ >= 1 and d_ & (d_ - 1) == 0, "method.cdm.directions", f"must be a power of 2, got {d_}"
     )
     a = m.adversarial
+    _check(a.form in ("wgan_gp", "hinge"), "method.adversarial.form", "must be wgan_gp or hinge")
     _check(a.critic_weight >= 0, "method.adversarial.critic_weight", "must be >= 0")
     _check(a.critic_lr > 0, "method.adversarial.critic_lr", "must be > 0")
     _check(a.gradient_penalty >= 0, "method.adversarial.gradient_penalty", "must be >= 0")

@@ -122,8 +122,11 @@ class CDMConfig:
 
 @dataclass
 class AdversarialConfig:
-    """WGAN-GP critic on (image, class probabilities) for holistic distillation."""
+    """The adversarial (holistic) term's critic: `form` "wgan_gp" (SKD's code: a WGAN critic
+    with gradient penalty) or "hinge" (CIRKD's train_kd.py, being implemented: see
+    docs/methods.md)."""
 
+    form: str = "wgan_gp"
     critic_weight: float = 0.1  # λ_d, the critic's own loss weight
     critic_lr: float = 4e-4
     gradient_penalty: float = 10.0

@@ -142,6 +142,24 @@ NOT_IN_NAME = (
     "teacher.model.pretrained_partial",
 )
 
+# Keys added after runs were named that do change what is trained: in the name only when set to
+# something other than their default, which is the behaviour from before they existed.
+NAMED_WHEN_SET: dict[str, object] = {
+    "method.adversarial.form": "wgan_gp",
+}
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = _get(tree, ".".join(parents)) if parents else tree
+    del node[leaf]
+
 
 def run_name(cfg: Config, prefix: str | None = None) -> str:
     """Deterministic: the same experiment gets the same name, so re-running resumes it.
@@ -169,11 +187,10 @@ def run_name(cfg: Config, prefix: str | None = None) -> str:
     )
     tree = to_dict(key)
     for dotted in NOT_IN_NAME:
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for part in parents:
-            node = node[part]
-        del node[leaf]
+        _drop(tree, dotted)
+    for dotted, default in NAMED_WHEN_SET.items():
+        if _get(tree, dotted) == default:
+            _drop(tree, dotted)
     return f"{prefix}-{cfg.method.name}-{cfg.model.backbone}-{fingerprint(tree)}"
 
 
