@@ -164,6 +164,25 @@ def _validate_model(m: ModelConfig, prefix: str) -> None:
         )
         _check(m.output_stride in (8, 16), f"{prefix}.output_stride", "must be 8 or 16")
     _check(0 <= m.drop_path < 1, f"{prefix}.drop_path", "must be in [0, 1)")
+    _check(
+        m.variant in ("torchvision", "cirkd"),
+        f"{prefix}.variant",
+        f"'{m.variant}' not one of ('torchvision', 'cirkd')",
+    )
+    resnet_only = (
+        ("variant", m.variant != "torchvision"),
+        ("head_channels", m.head_channels is not None),
+        ("aux_channels", m.aux_channels is not None),
+    )
+    for key, is_set in resnet_only:
+        _check(
+            not (is_set and m.backbone in MITS),
+            f"{prefix}.{key}",
+            "applies to ResNet backbones only (MiT: leave it at its default)",
+        )
+    for key in ("head_channels", "aux_channels"):
+        value = getattr(m, key)
+        _check(value is None or value >= 1, f"{prefix}.{key}", f"must be >= 1, got {value}")
     if m.pretrained is not None:
         _check(Path(m.pretrained).is_file(), f"{prefix}.pretrained", f"no file {m.pretrained}")
 
@@ -260,6 +279,7 @@ def validate(cfg: Config) -> None:
     _check(t.num_to_keep >= 1, "trainer.num_to_keep", "must be >= 1")
     _check(t.max_failures >= -1, "trainer.max_failures", "must be >= -1")
     _check(t.resource_wait_s >= 0, "trainer.resource_wait_s", "must be >= 0")
+    _check(t.autoscale_wait_s >= 0, "trainer.autoscale_wait_s", "must be >= 0")
     _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
     _check(t.progress in ("auto", "bar", "lines"), "trainer.progress", "must be auto, bar or lines")
     _check(t.image_every >= 0, "trainer.image_every", "must be >= 0")

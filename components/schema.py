@@ -89,6 +89,17 @@ class ModelConfig:
     # global max pooling) and the affinity head on the last stage's attention maps.
     cls_head: bool = False
     drop_path: float = 0.1  # MiT stochastic depth rate
+    # ResNet networks: "torchvision" (7x7 stem, torchvision's dilation; our heads) or "cirkd"
+    # (CIRKD's ResNetV1s deep 3x3 stem and dilation rule, its heads' pooled-branch BatchNorm and
+    # align_corners; CIRKD's checkpoints load into it). docs/methods.md, "Model variants".
+    variant: str = "torchvision"
+    # Main-head channels (ASPP / PSP bottleneck), used as given (not scaled by width). None: the
+    # variant's: torchvision 256 (DeepLabV3) / 512 (PSPNet) x width; cirkd as CIRKD's released
+    # code, 128 for ResNet-18/34, 256 (DeepLabV3) / 512 (PSPNet) for ResNet-50/101, x width.
+    # CIRKDv2's code (2025) uses 512 (DeepLabV3) and 128 / 256 (PSPNet).
+    head_channels: int | None = None
+    # Aux (FCN) head channels, used as given. None: torchvision 256 x width; cirkd layer3 / 4.
+    aux_channels: int | None = None
 
 
 @dataclass
@@ -251,6 +262,9 @@ class TrainerConfig:
     # A cluster without an autoscaler that is too small for the run: seconds to wait for nodes to
     # join before failing with the numbers (an autoscaling cluster is checked against its maximum).
     resource_wait_s: float = 60.0
+    # An autoscaling cluster that can hold the run: seconds for its autoscaler to start the
+    # nodes (cloud GPU nodes take minutes to boot, pull the image and install).
+    autoscale_wait_s: float = 1200.0
     # SyncBatchNorm across workers (CIRKD / SSTKD train 2 images per GPU with it). None: on when
     # more than one GPU worker trains; torch supports it on GPUs only.
     sync_bn: bool | None = None

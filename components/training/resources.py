@@ -17,13 +17,24 @@ workers would wait for data for ever.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from components.config import ConfigError, TrainerConfig
 
 DATA_CPUS = 1.0  # a CPU left for Ray Data's decode tasks when training on CPU
 MIN_SHARE = 0.25  # the smallest CPU share a worker on a private local instance is given
+# How long a run waits for an autoscaler to start its nodes (cloud GPU nodes: minutes to boot,
+# pull the image and install; trainer.resource_wait_s is the wait of a fixed cluster).
+AUTOSCALE_WAIT_S = 1200.0
+CLEAR_AFTER_S = 600.0  # the demand placed for the autoscaler is cleared by then at the latest
 
 
 @dataclass(frozen=True)
@@ -123,24 +134,200 @@ def max_shortfall(request: Request, maximum: dict[str, float]) -> str | None:
     return None
 
 
-def _cluster_state() -> tuple[dict[str, float] | None, list[dict[str, float]]]:
-    import ray
-    from ray._private import state  # the autoscaler's published node types (DeveloperAPI)
+@dataclass(frozen=True)
+class NodeType:
+    """A worker node type of an autoscaling cluster: its resources and how many it may have."""
 
+    name: str
+    resources: dict[str, float]
+    max_workers: int  # -1: no limit of its own
+
+
+@dataclass(frozen=True)
+class Autoscaler:
+    """What an autoscaling cluster may grow to: its worker node types and the upper bound over
+    all of them (`max_workers` at the top of a cluster YAML; -1: none)."""
+
+    node_types: tuple[NodeType, ...]
+    max_workers: int = -1
+    source: str = ""
+
+    def fits_one(self, bundle: dict[str, float]) -> list[NodeType]:
+        return [t for t in self.node_types if t.max_workers != 0 and _holds(t.resources, bundle)]
+
+    def describe(self) -> str:
+        return "; ".join(
+            f"{t.name} ({_fmt(t.resources, _keys(t.resources)) or 'no resources'}, "
+            f"max {t.max_workers if t.max_workers >= 0 else 'unlimited'})"
+            for t in self.node_types
+        )
+
+
+def _keys(resources: dict[str, float]) -> list[str]:
+    """The resources worth naming: not memory, object store or the per-node ids."""
+    skip = ("memory", "object_store_memory")
+    return [k for k in resources if k not in skip and not k.startswith("node:")]
+
+
+def _holds(node: dict[str, float], bundle: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items() if v > 0)
+
+
+def autoscaler_from_config(config: dict, source: str = "") -> Autoscaler | None:
+    """The worker node types of a cluster-launcher config (what `ray up` writes to the head as
+    ~/ray_bootstrap_config.yaml, with each type's resources filled in from its instance type),
+    or None when it has no worker type that can be started."""
+    head = config.get("head_node_type")
+    types = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        if name == head:
+            continue
+        res = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        types.append(NodeType(name, res, int(spec.get("max_workers", -1))))
+    if not any(t.max_workers != 0 for t in types):
+        return None
+    return Autoscaler(tuple(types), int(config.get("max_workers", -1)), source)
+
+
+def autoscaler_from_cluster_config(proto, source: str = "") -> Autoscaler | None:
+    """The same from Ray's `autoscaler_pb2.ClusterConfig` (the GCS cluster-config key that
+    `ray._private.state.state.get_cluster_config()` reads; nothing in Ray 2.60 writes it, an
+    operator may)."""
+    if proto is None:
+        return None
+    types = [
+        NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
+        for g in proto.node_group_configs
+        if g.resources.get("node:__internal_head__", 0) == 0
+    ]
+    if not any(t.max_workers != 0 for t in types):
+        return None
+    return Autoscaler(tuple(types), -1, source)
+
+
+def _monitor_config_path(gcs_address: str, proc: str = "/proc") -> str | None:
+    """The --autoscaling-config of this cluster's autoscaler process (`ray start --head
+    --autoscaling-config=...` starts ray/autoscaler/{_private,v2}/monitor.py with it; without it
+    the monitor runs a read-only autoscaler that never adds a node). Only visible from the head
+    node, where `ray job submit` runs drivers."""
+    port = gcs_address.rsplit(":", 1)[-1]
+    for cmdline in Path(proc).glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith(("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py"))
+                   for a in args):  # fmt: skip
+            continue
+        if not any(a.startswith("--gcs-address=") and a.rsplit(":", 1)[-1] == port for a in args):
+            continue
+        for a in args:
+            if a.startswith("--autoscaling-config="):
+                path = os.path.expanduser(a.split("=", 1)[1])
+                if not os.path.isabs(path):
+                    try:
+                        path = os.path.join(os.readlink(cmdline.parent / "cwd"), path)
+                    except OSError:
+                        pass
+                return path
+        return None  # a read-only monitor: this cluster does not autoscale
+    return None
+
+
+def find_autoscaler() -> Autoscaler | None:
+    """This cluster's autoscaler, or None for a fixed cluster. Ray 2.60 publishes no node types
+    in the GCS (`get_max_resources_from_cluster_config()` is None: nothing writes the key), so
+    the config the autoscaler process was started with is read; the GCS key first, in case."""
+    import ray
+    from ray._private import state
+
+    found = None
+    with contextlib.suppress(Exception):  # a private API: if it fails, look for the monitor
+        found = autoscaler_from_cluster_config(state.state.get_cluster_config(), "GCS")
+    if found is not None:
+        return found
     try:
-        maximum = state.state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001  (a private API: if it fails, treat the cluster as fixed)
-        maximum = None
+        path = _monitor_config_path(ray.get_runtime_context().gcs_address)
+        if path is None:
+            return None
+        with open(path) as f:
+            return autoscaler_from_config(yaml.safe_load(f) or {}, path)
+    except Exception:  # noqa: BLE001  (unreadable: treat the cluster as fixed, as before)
+        return None
+
+
+def _head(nodes: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [n for n in nodes if n.get("node:__internal_head__", 0) > 0] or nodes[:1]
+
+
+def maximum_of(scaler: Autoscaler, nodes: list[dict[str, float]]) -> dict[str, float]:
+    """An autoscaling cluster's largest totals: the head as it is plus every worker type at its
+    max_workers, with no more workers than the cluster-wide max_workers (the largest nodes of
+    each resource counted first). An unlimited count gives infinity."""
+    out: dict[str, float] = {}
+    for node in _head(nodes):
+        for k, v in node.items():
+            out[k] = out.get(k, 0.0) + v
+    keys = {k for t in scaler.node_types for k in t.resources}
+    for k in keys:
+        left = scaler.max_workers if scaler.max_workers >= 0 else float("inf")
+        total = 0.0
+        for t in sorted(scaler.node_types, key=lambda t: -t.resources.get(k, 0.0)):
+            per = t.resources.get(k, 0.0)
+            count = min(left, t.max_workers if t.max_workers >= 0 else float("inf"))
+            if per <= 0 or count <= 0:
+                continue
+            total += per * count
+            left -= count
+        out[k] = out.get(k, 0.0) + total
+    return out
+
+
+def launch_plan(request: Request, scaler: Autoscaler, nodes: list[dict[str, float]]):
+    """About which nodes the autoscaler starts for `request` ({type: count}; its own choice may
+    differ), or None when the workers cannot all be placed even at the cluster's largest."""
+    free = [dict(n) for n in nodes]
+    bundles = [request.per_worker] * request.num_workers
+    if not request.use_gpu:
+        bundles = bundles + [{"CPU": DATA_CPUS}]
+    started: dict[str, int] = {}
+    total = 0
+    for bundle in bundles:
+        node = next((n for n in free if _holds(n, bundle)), None)
+        if node is None:
+            options = [
+                t
+                for t in scaler.fits_one(bundle)
+                if t.max_workers < 0 or started.get(t.name, 0) < t.max_workers
+            ]
+            if not options or 0 <= scaler.max_workers <= total:
+                return None
+            # the smallest type that holds the bundle (the autoscaler prefers a good fit)
+            kind = min(
+                options, key=lambda t: sum(t.resources.get(k, 0.0) for k in _keys(t.resources))
+            )
+            node = dict(kind.resources)
+            free.append(node)
+            started[kind.name] = started.get(kind.name, 0) + 1
+            total += 1
+        for k, v in bundle.items():
+            node[k] = node.get(k, 0.0) - v
+    return started
+
+
+def _cluster_state() -> tuple[Autoscaler | None, list[dict[str, float]]]:
+    import ray
+
     nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    return maximum, nodes
+    return find_autoscaler(), nodes
 
 
 def cluster_capacity() -> dict[str, float]:
     """What runs can count on: an autoscaling cluster's maximum (it may have no GPU node yet),
     else the resources of the nodes alive now."""
-    maximum, nodes = _cluster_state()
-    if maximum:
-        return {k: float(v) for k, v in maximum.items()}
+    scaler, nodes = _cluster_state()
+    if scaler is not None:
+        return maximum_of(scaler, nodes)
     out: dict[str, float] = {}
     for node in nodes:
         for k, v in node.items():
@@ -148,20 +335,143 @@ def cluster_capacity() -> dict[str, float]:
     return out
 
 
-def wait_for_resources(request: Request, wait_s: float, log=print, poll_s: float = 2.0) -> None:
+def _demand(request: Request) -> list[dict[str, float]]:
+    bundles = [dict(request.per_worker) for _ in range(request.num_workers)]
+    if not request.use_gpu:
+        bundles.append({"CPU": DATA_CPUS})
+    return bundles
+
+
+def _place_demand(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler for `bundles` (Ray's one cluster-wide request; [] clears it)."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
+_pending_clear: list[threading.Event] = []
+
+
+def _clear_later(request: Request, within_s: float = CLEAR_AFTER_S, poll_s: float = 2.0) -> None:
+    """Clear the demand once the run's placement group exists (its own demand keeps the nodes),
+    after `within_s` at the latest, and at exit: a request left behind would keep the nodes
+    for ever."""
+    import ray
+
+    done = threading.Event()
+    _pending_clear.append(done)
+    try:
+        before = set(ray.util.placement_group_table())
+    except Exception:  # noqa: BLE001
+        before = set()
+
+    def clear():
+        if done.is_set():
+            return
+        done.set()
+        with contextlib.suppress(Exception):  # Ray already shut down: nothing to clear
+            _place_demand([])
+
+    def watch():
+        deadline = time.monotonic() + within_s
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                table = ray.util.placement_group_table()
+            except Exception:  # noqa: BLE001
+                break
+            if any(
+                pg_id not in before
+                and len(pg.get("bundles", {})) >= request.num_workers
+                and pg.get("state") in ("PENDING", "CREATED", "RESCHEDULING")
+                for pg_id, pg in table.items()
+            ):
+                break
+            time.sleep(poll_s)
+        clear()
+
+    atexit.register(clear)
+    threading.Thread(target=watch, name="segdistill-clear-demand", daemon=True).start()
+
+
+def _wait_for_autoscaler(
+    request: Request, scaler: Autoscaler, nodes, wait_s: float, log, poll_s: float
+) -> None:
+    keys = list(request.totals)
+    for bundle in {tuple(sorted(b.items())) for b in _demand(request)}:
+        if not scaler.fits_one(dict(bundle)) and not any(_holds(n, dict(bundle)) for n in nodes):
+            raise ConfigError(
+                f"no node type of the autoscaling cluster can hold one worker of "
+                f"({_fmt(dict(bundle), [k for k, _ in bundle])}) ({request.describe()}); node "
+                f"types: {scaler.describe()}; lower the per-worker request or add a node type"
+            )
+    problem = max_shortfall(request, maximum_of(scaler, nodes))
+    plan = launch_plan(request, scaler, nodes)
+    if problem is None and plan is None:
+        problem = (
+            f"the workers of {request.describe()} do not all fit on the autoscaling cluster's "
+            f"nodes at its largest (node types: {scaler.describe()}; cluster max_workers "
+            f"{scaler.max_workers})"
+        )
+    if problem is not None:
+        raise ConfigError(
+            f"{problem}; lower trainer.num_workers or raise the cluster's max_workers"
+        )
+    if shortfall(request, nodes) is None:
+        return
+    bundles = _demand(request)
+    text = ", ".join(f"{n} node{'s' if n > 1 else ''} of type {t}" for t, n in plan.items())
+    log(
+        f"waiting up to {wait_s:g} s for the autoscaler to start {text or 'nodes'} "
+        f"(the run needs {_fmt(request.totals, keys)}: {request.describe()})"
+    )
+    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
+    try:
+        while True:
+            _place_demand(bundles)  # again each time: another driver may have replaced it
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            _, nodes = _cluster_state()
+            problem = shortfall(request, nodes)
+            if problem is None:
+                log(f"the autoscaler started the nodes in {time.monotonic() - start:.0f} s")
+                _clear_later(request)
+                return
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"{problem} (waited {wait_s:g} s for the autoscaler to start "
+                    f"{text or 'nodes'}; node types: {scaler.describe()}); see `ray status` and "
+                    "the head's logs/monitor.* for failed launches (no capacity, quota)"
+                )
+    except BaseException:
+        _place_demand([])  # nothing will use it: let the autoscaler scale back down
+        raise
+
+
+def wait_for_resources(
+    request: Request,
+    wait_s: float,
+    log=print,
+    poll_s: float = 2.0,
+    autoscale_wait_s: float | None = None,
+) -> None:
     """Return once the cluster can run `request`; raise ConfigError (with the numbers) when it
-    never can, after at most `wait_s` seconds for a cluster without an autoscaler."""
+    never can: at once when an autoscaling cluster's largest size is too small, after at most
+    `autoscale_wait_s` (default AUTOSCALE_WAIT_S) for its autoscaler to start the nodes, and
+    after at most `wait_s` seconds for a cluster without an autoscaler."""
+    scaler, nodes = _cluster_state()
+    if scaler is not None:
+        _wait_for_autoscaler(
+            request,
+            scaler,
+            nodes,
+            AUTOSCALE_WAIT_S if autoscale_wait_s is None else autoscale_wait_s,
+            log,
+            max(poll_s, 0.01),
+        )
+        return
     deadline = time.monotonic() + wait_s
     announced = False
     while True:
-        maximum, nodes = _cluster_state()
-        if maximum:
-            problem = max_shortfall(request, maximum)
-            if problem is None:
-                return  # the autoscaler brings the nodes
-            raise ConfigError(
-                f"{problem}; lower trainer.num_workers or raise the cluster's max_workers"
-            )
         problem = shortfall(request, nodes)
         if problem is None:
             return
@@ -180,13 +490,24 @@ def wait_for_resources(request: Request, wait_s: float, log=print, poll_s: float
             log(f"waiting up to {wait_s:g} s for the cluster: {problem}")
             announced = True
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        scaler, nodes = _cluster_state()
+        if scaler is not None:
+            return wait_for_resources(request, wait_s, log, poll_s, autoscale_wait_s)
 
 
 __all__ = [
+    "AUTOSCALE_WAIT_S",
     "DATA_CPUS",
+    "Autoscaler",
+    "NodeType",
     "Request",
+    "autoscaler_from_cluster_config",
+    "autoscaler_from_config",
     "cluster_capacity",
+    "find_autoscaler",
+    "launch_plan",
     "max_shortfall",
+    "maximum_of",
     "run_request",
     "shortfall",
     "started_here",

@@ -138,6 +138,7 @@ NOT_IN_NAME = (
     "trainer.progress",
     "trainer.eval_every",
     "trainer.sync_bn",
+    "trainer.autoscale_wait_s",
     "model.pretrained_partial",
     "teacher.model.pretrained_partial",
 )
@@ -146,6 +147,12 @@ NOT_IN_NAME = (
 # something other than their default, which is the behaviour from before they existed.
 NAMED_WHEN_SET: dict[str, object] = {
     "method.adversarial.form": "wgan_gp",
+    "model.variant": "torchvision",
+    "model.head_channels": None,
+    "model.aux_channels": None,
+    "teacher.model.variant": "torchvision",
+    "teacher.model.head_channels": None,
+    "teacher.model.aux_channels": None,
 }
 
 
@@ -424,7 +431,8 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
                 "'trainer.sync_bn': SyncBatchNorm needs GPU workers (torch has no CPU version); "
                 "this run trains on CPUs"
             )
-        wait_for_resources(request, cfg.trainer.resource_wait_s)
+        t = cfg.trainer
+        wait_for_resources(request, t.resource_wait_s, autoscale_wait_s=t.autoscale_wait_s)
         if request.per_worker["CPU"] < cfg.trainer.cpus_per_worker:
             print(
                 f"this machine's Ray has {cluster_capacity().get('CPU', 0):g} CPUs: each of the "

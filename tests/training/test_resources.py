@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from components.config import ConfigError, TrainerConfig
 from components.training import resources
@@ -94,19 +98,135 @@ def test_fixed_cluster_that_grows_is_waited_for(monkeypatch):
     assert len(calls) == 3
 
 
-def test_autoscaling_cluster_is_not_waited_on(monkeypatch):
-    _fake_cluster(monkeypatch, [({"CPU": 64, "GPU": 8}, [{"CPU": 0.0}])])
+AWS = yaml.safe_load((Path(__file__).resolve().parents[2] / "clusters/aws-gpu.yaml").read_text())
+HEAD = {"CPU": 0.0, "memory": 1e9, "node:__internal_head__": 1.0}
+
+
+def _aws(**res) -> resources.Autoscaler:
+    """clusters/aws-gpu.yaml's node types, each given `resources[type]` (what `ray up` fills in
+    from the instance types before writing the head's ~/ray_bootstrap_config.yaml)."""
+    config = copy.deepcopy(AWS)
+    for name, given in res.items():
+        config["available_node_types"][name.replace("_", ".")]["resources"] = given
+    scaler = resources.autoscaler_from_config(config, "aws-gpu.yaml")
+    assert scaler is not None
+    return scaler
+
+
+def test_node_types_and_maximum_from_the_aws_config():
+    scaler = _aws(
+        gpu_1x_spot={"CPU": 8, "GPU": 1},
+        gpu_4x_spot={"CPU": 48, "GPU": 4},
+        gpu_1x_ondemand={"CPU": 8, "GPU": 1},
+        cpu_data={"CPU": 16},
+    )
+    assert [t.name for t in scaler.node_types] == [
+        "gpu.1x.spot", "gpu.4x.spot", "gpu.1x.ondemand", "cpu.data"
+    ]  # fmt: skip
+    assert [t.max_workers for t in scaler.node_types] == [8, 2, 4, 4] and scaler.max_workers == 12
+    top = resources.maximum_of(scaler, [HEAD])
+    # GPU: 2 x 4 + 8 x 1 + 2 of the 4 on-demand (12 workers at most) = 18
+    assert top["GPU"] == 18.0
+    # CPU: 2 x 48 + 4 x 16 + 6 x 8 (the largest first, 12 workers) = 208
+    assert top["CPU"] == 208.0 and top["node:__internal_head__"] == 1.0
+
+
+def test_a_config_without_worker_types_is_a_fixed_cluster():
+    config = {"head_node_type": "h", "available_node_types": {"h": {"resources": {}}}}
+    assert resources.autoscaler_from_config(config) is None
+
+
+def test_node_types_from_rays_cluster_config_proto():
+    from ray.core.generated import autoscaler_pb2
+
+    proto = autoscaler_pb2.ClusterConfig()
+    group = proto.node_group_configs.add()
+    group.name, group.max_count = "gpu", 3
+    group.resources.update({"CPU": 8, "GPU": 1})
+    scaler = resources.autoscaler_from_cluster_config(proto, "GCS")
+    assert scaler.node_types == (resources.NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 3),)
+    assert resources.maximum_of(scaler, [HEAD])["GPU"] == 3.0
+    assert resources.autoscaler_from_cluster_config(None) is None
+
+
+def test_monitor_config_path_from_the_process_table(tmp_path):
+    """The autoscaler process (`ray start --head --autoscaling-config=...`) names its config; a
+    read-only monitor (a hand-started head) has none; another cluster's monitor is skipped."""
+    monitor = "/x/ray/autoscaler/_private/monitor.py"
+
+    def proc(pid, *args):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes("\0".join(args).encode() + b"\0")
+
+    proc(10, "python", monitor, "--gcs-address=10.0.0.1:7000", "--autoscaling-config=/o.yaml")
+    assert resources._monitor_config_path("10.0.0.1:6379", str(tmp_path)) is None
+    proc(11, "python", monitor, "--gcs-address=10.0.0.1:6379", "--autoscaling-config=/c.yaml")
+    assert resources._monitor_config_path("10.0.0.1:6379", str(tmp_path)) == "/c.yaml"
+    shutil.rmtree(tmp_path / "11")
+    proc(12, "python", monitor, "--gcs-address=10.0.0.1:6379")
+    assert resources._monitor_config_path("10.0.0.1:6379", str(tmp_path)) is None
+
+
+def test_ray_260_publishes_no_cluster_config(ray_session):
+    """Why the monitor's config is read: nothing in Ray 2.60 writes the GCS cluster config."""
+    from ray._private import state
+
+    assert state.state.get_max_resources_from_cluster_config() is None
+    assert resources.find_autoscaler() is None  # the session's private instance: fixed
+
+
+def test_autoscaling_cluster_is_not_waited_on_when_it_can_never_fit(monkeypatch):
+    scaler = _aws(gpu_1x_spot={"CPU": 8, "GPU": 1}, gpu_1x_ondemand={"CPU": 8, "GPU": 1})
+    _fake_cluster(monkeypatch, [(scaler, [HEAD])])
+    monkeypatch.setattr(resources, "_place_demand", lambda b: pytest.fail("no demand"))
     start = time.monotonic()
-    wait_for_resources(_gpu(4), wait_s=30, log=lambda m: None)  # the autoscaler adds nodes
-    with pytest.raises(ConfigError, match="has at most 64 CPU, 8 GPU"):
+    with pytest.raises(ConfigError, match="has at most 96 CPU, 12 GPU"):
         wait_for_resources(_gpu(16), wait_s=30, log=lambda m: None)
-    assert time.monotonic() - start < 25  # well under one 30 s wait: nothing was waited for
+    assert time.monotonic() - start < 25  # nothing was waited for
+
+
+def test_a_worker_no_node_type_can_hold_fails_at_once(monkeypatch):
+    scaler = _aws(gpu_1x_spot={"CPU": 8, "GPU": 1}, gpu_1x_ondemand={"CPU": 8, "GPU": 1})
+    _fake_cluster(monkeypatch, [(scaler, [HEAD])])
+    two_gpus = Request(2, {"CPU": 1.0, "GPU": 2.0}, True)
+    with pytest.raises(ConfigError) as e:
+        wait_for_resources(two_gpus, wait_s=30, log=lambda m: None)
+    assert "no node type of the autoscaling cluster can hold one worker of (1 CPU, 2 GPU)" in str(
+        e.value
+    )
+    assert "gpu.1x.spot (8 CPU, 1 GPU, max 8)" in str(e.value)
+
+
+def test_cold_autoscaling_cluster_places_demand_and_waits(monkeypatch):
+    scaler = _aws(cpu_data={"CPU": 1})  # only cpu.data can hold CPU work
+    grown = [HEAD, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+    _fake_cluster(monkeypatch, [(scaler, [HEAD]), (scaler, [HEAD]), (scaler, grown)])
+    placed, logged = [], []
+    monkeypatch.setattr(resources, "_place_demand", placed.append)
+    monkeypatch.setattr(resources, "_clear_later", lambda r: placed.append("clear later"))
+    cpu2 = run_request(TrainerConfig(num_workers=2), cluster_has_gpu=False)
+    wait_for_resources(cpu2, wait_s=0, log=logged.append, poll_s=0.01)
+    assert "for the autoscaler to start 3 nodes of type cpu.data" in logged[0]
+    assert placed[0] == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}] and placed[-1] == "clear later"
+
+
+def test_autoscaler_that_never_starts_the_nodes_times_out_and_clears(monkeypatch):
+    scaler = _aws(cpu_data={"CPU": 1})
+    _fake_cluster(monkeypatch, [(scaler, [HEAD])])
+    placed = []
+    monkeypatch.setattr(resources, "_place_demand", placed.append)
+    cpu2 = run_request(TrainerConfig(num_workers=2), cluster_has_gpu=False)
+    with pytest.raises(ConfigError, match=r"waited 0.2 s for the autoscaler to start 3 nodes"):
+        wait_for_resources(cpu2, 0, log=lambda m: None, poll_s=0.05, autoscale_wait_s=0.2)
+    assert placed[-1] == []  # the demand is withdrawn
 
 
 def test_capacity_of_an_autoscaling_cluster_is_its_maximum(monkeypatch):
     # A GPU cluster that has scaled to its CPU head only still counts as a GPU cluster.
-    _fake_cluster(monkeypatch, [({"CPU": 200, "GPU": 16}, [{"CPU": 0.0}])])
-    assert resources.cluster_capacity() == {"CPU": 200.0, "GPU": 16.0}
+    scaler = _aws(gpu_1x_spot={"CPU": 8, "GPU": 1}, gpu_1x_ondemand={"CPU": 8, "GPU": 1})
+    _fake_cluster(monkeypatch, [(scaler, [HEAD])])
+    capacity = resources.cluster_capacity()
+    assert capacity["GPU"] == 12.0 and capacity["CPU"] == 96.0
     _fake_cluster(monkeypatch, [(None, [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}])])
     assert resources.cluster_capacity() == {"CPU": 10.0, "GPU": 1.0}
 
