@@ -81,6 +81,7 @@ class Distiller(MethodBase):
             student if teacher is None else StudentWithAdapters(student, adapters)
         )
         t_ch = getattr(teacher, "feature_channels", {})
+        self.student_channels = dict(getattr(student, "feature_channels", {}))
         self.states: dict[str, object] = {}
         for term in self.terms.values():
             if term.state is not None and term.state_key not in self.states:
@@ -127,7 +128,7 @@ class Distiller(MethodBase):
         teacher = self.teacher_forward(images) if self.terms else {}
         out = self.trainable(images)
         terms = supervised_terms(out, mask, self.ce_weight, self.aux_weight)
-        view = StepView(images, mask, self.settings)
+        view = StepView(images, mask, self.settings, self.student_channels)
         logged: dict[str, Tensor] = {}
         prepared: set[str] = set()
         for name, term in self.terms.items():

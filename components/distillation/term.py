@@ -34,6 +34,9 @@ class StepView:
     images: Tensor  # (B,3,H,W)
     mask: Tensor  # (B,H,W) int64, 255 = ignore
     settings: Any  # the run's MethodConfig (temperatures, cdm, dtiem, cirkd, adversarial)
+    # The student's own channels per feature, before any adapter (CWD normalises by them, as
+    # CIRKD's CriterionCWD does); None where unknown.
+    student_channels: dict[str, int] | None = None
 
 
 class TermState(Protocol):

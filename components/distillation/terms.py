@@ -11,6 +11,11 @@ cross-entropy, with the weights its paper or reference script uses (METHODS.md Â
     cirkd        pixel_kd + batch_pixel + memory_pixel + memory_region
     sstkd        pixel_kd + adversarial + structural + statistical
 
+Each row is the method's own terms. CIRKD's baseline scripts (train_scripts/train_kd/
+train_cwd.sh, train_skd.sh) also add pixel KD 1.0 and the hinge adversarial term 0.001 to CWD
+and SKD: the Cityscapes configs spell those recipes out in `method.weights`, with
+`method.adversarial.form: hinge` (docs/methods.md).
+
 `method.weights` (a mapping) overrides a row: `method.weights.statistical=0` switches a term off
 (ablations are config switches), and a term the row lacks is added to it
 (`method.name=cirkd method.weights.adversarial=0.01`). `ce` and `aux` there weigh the labels'

@@ -142,19 +142,49 @@ def _scaled(channels: int, width: float, minimum: int) -> int:
     return max(minimum, round(channels * width))
 
 
-def build_backbone(name: str, width: float = 1.0, output_stride: int = 8) -> ResNet:
-    """A randomly initialised ResNet by name (one of components.config.BACKBONES)."""
+def build_backbone(
+    name: str, width: float = 1.0, output_stride: int = 8, variant: str = "torchvision"
+) -> ResNet:
+    """A randomly initialised ResNet by name (one of components.config.BACKBONES); variant
+    "cirkd" is CIRKD's deep-stem ResNetV1s (components/models/resnet.py)."""
     match name:
         case "resnet18":
-            return ResNet(BasicBlock, (2, 2, 2, 2), width, output_stride)
+            return ResNet(BasicBlock, (2, 2, 2, 2), width, output_stride, variant)
         case "resnet34":
-            return ResNet(BasicBlock, (3, 4, 6, 3), width, output_stride)
+            return ResNet(BasicBlock, (3, 4, 6, 3), width, output_stride, variant)
         case "resnet50":
-            return ResNet(Bottleneck, (3, 4, 6, 3), width, output_stride)
+            return ResNet(Bottleneck, (3, 4, 6, 3), width, output_stride, variant)
         case "resnet101":
-            return ResNet(Bottleneck, (3, 4, 23, 3), width, output_stride)
+            return ResNet(Bottleneck, (3, 4, 23, 3), width, output_stride, variant)
         case _:
             raise ValueError(f"backbone: unknown '{name}', expected one of {BACKBONES}")
+
+
+def head_channels(cfg: ModelConfig, backbone: ResNet) -> int:
+    """The main head's channels: `cfg.head_channels` as given, else the variant's default.
+
+    torchvision: 256 (DeepLabV3) / 512 (PSPNet), scaled by width. cirkd: CIRKD's released code
+    (winycg/CIRKD commit 7e0d21f, models/deeplabv3.py lines 77-80 and 133-136: ASPP 128 on a
+    512-channel layer4, 256 on 2048; models/pspnet.py lines 110-113: bottleneck 128 / 512),
+    scaled by width. The width-1 layer4 channels tell the ResNet-18/34 from the 50/101 case."""
+    if cfg.head_channels is not None:
+        return cfg.head_channels
+    if cfg.variant == "cirkd":
+        basic = backbone.layer4[0].expansion == 1
+        base = 128 if basic else (256 if cfg.head == "deeplabv3" else 512)
+    else:
+        base = 256 if cfg.head == "deeplabv3" else 512
+    return _scaled(base, cfg.width, 16)
+
+
+def aux_channels(cfg: ModelConfig, backbone: ResNet) -> int:
+    """The aux head's channels: `cfg.aux_channels`, else 256 x width (torchvision) or layer3's
+    channels / 4 (cirkd: models/deeplabv3.py `_FCNHead`, line 59, on in_channels // 2)."""
+    if cfg.aux_channels is not None:
+        return cfg.aux_channels
+    if cfg.variant == "cirkd":
+        return max(1, backbone.out_channels["layer3"] // 4)
+    return _scaled(256, cfg.width, 16)
 
 
 def _print_report(path: str, report: dict[str, list[str]]) -> None:
@@ -191,24 +221,29 @@ def build_model(cfg: ModelConfig, num_classes: int) -> SegmentationModel | SegFo
     """
     if cfg.backbone in MITS:
         return _build_segformer(cfg, num_classes)
-    backbone = build_backbone(cfg.backbone, cfg.width, cfg.output_stride)
+    variant = cfg.variant
+    backbone = build_backbone(cfg.backbone, cfg.width, cfg.output_stride, variant)
     in_channels = backbone.out_channels["layer4"]
+    channels = head_channels(cfg, backbone)
     match cfg.head:
         case "deeplabv3":
             rates = (12, 24, 36) if cfg.output_stride == 8 else (6, 12, 18)
-            channels = _scaled(256, cfg.width, 16)
-            head: DeepLabV3Head | PSPHead = DeepLabV3Head(in_channels, num_classes, channels, rates)
+            head: DeepLabV3Head | PSPHead = DeepLabV3Head(
+                in_channels, num_classes, channels, rates, variant
+            )
         case "pspnet":
-            head = PSPHead(in_channels, num_classes, _scaled(512, cfg.width, 16))
+            head = PSPHead(in_channels, num_classes, channels, variant=variant)
         case _:
             raise ValueError(f"head: unknown '{cfg.head}', expected one of {HEADS}")
     aux_head = None
     if cfg.aux_head:
         aux_in = backbone.out_channels["layer3"]
-        aux_head = FCNAuxHead(aux_in, num_classes, _scaled(256, cfg.width, 16))
+        aux_head = FCNAuxHead(aux_in, num_classes, aux_channels(cfg, backbone))
     if cfg.pretrained:
         report = load_pretrained_backbone(backbone, cfg.pretrained, cfg.pretrained_partial)
         _print_report(cfg.pretrained, report)
     model = SegmentationModel(backbone, head, num_classes, aux_head)
     model.name = f"{cfg.head}-{cfg.backbone} x{cfg.width:g}"
+    if variant != "torchvision":
+        model.name += f" ({variant})"
     return model

@@ -10,6 +10,14 @@ the FCN auxiliary head on layer3.
 The main heads return `(embed, logits)`: `embed` is the map right before the classifier, which
 feature distillation methods use. Global (1x1) pooled branches carry a conv bias and no
 BatchNorm, because BatchNorm on a (B, C, 1, 1) map fails in training when a worker gets B = 1.
+
+`variant="cirkd"` builds CIRKD's heads instead (winycg/CIRKD models/deeplabv3.py and
+models/pspnet.py, commit 7e0d21f, the code its released checkpoints were trained with): the
+pooled branches are conv (no bias) + BatchNorm + ReLU (deeplabv3.py `_AsppPooling` lines
+113-127, pspnet.py `_PSP1x1Conv` lines 74-79), so they need B >= 2 per worker in training;
+PSPNet upsamples its pyramid with align_corners=True (pspnet.py lines 98-101) and its pyramid
+branches have in_channels / 4 channels (line 86) while the bottleneck has `channels`; DeepLabV3
+drops out (0.1) before the classifier (deeplabv3.py `_DeepLabHead.block`, lines 84-90).
 """
 
 from __future__ import annotations
@@ -65,13 +73,24 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Seq
     )
 
 
-class _PoolBranch(nn.Module):
-    """Average-pool to bins x bins, 1x1 conv, upsample back to the input size."""
+def _check_variant(variant: str) -> bool:
+    """True for "cirkd", False for "torchvision"; ValueError otherwise."""
+    if variant not in ("torchvision", "cirkd"):
+        raise ValueError(f"variant must be 'torchvision' or 'cirkd', got {variant!r}")
+    return variant == "cirkd"
 
-    def __init__(self, cin: int, cout: int, bins: int) -> None:
+
+class _PoolBranch(nn.Module):
+    """Average-pool to bins x bins, 1x1 conv, upsample back to the input size. bn: BatchNorm
+    (and no conv bias) on the global (bins = 1) branch too, as CIRKD."""
+
+    def __init__(
+        self, cin: int, cout: int, bins: int, bn: bool = False, align_corners: bool = False
+    ) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(bins)
-        if bins == 1:
+        self.align_corners = align_corners
+        if bins == 1 and not bn:
             self.conv = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
         else:
             self.conv = _conv_bn_relu(cin, cout, 1)
@@ -81,18 +100,23 @@ class _PoolBranch(nn.Module):
         y = self.conv(self.pool(x))
         if y.shape[-2:] == (1, 1):
             return y.expand(-1, -1, *x.shape[-2:])
-        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(
+            y, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners
+        )
 
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (Chen et al., "Rethinking Atrous Convolution", 2017):
-    a 1x1 branch, one 3x3 branch per rate, an image-pooling branch, then a 1x1 projection."""
+    a 1x1 branch, one 3x3 branch per rate, an image-pooling branch, then a 1x1 projection.
+    pool_bn: BatchNorm in the image-pooling branch (CIRKD's and torchvision's ASPP)."""
 
-    def __init__(self, in_channels: int, channels: int, rates: Sequence[int]) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, rates: Sequence[int], pool_bn: bool = False
+    ) -> None:
         super().__init__()
         branches: list[nn.Module] = [_conv_bn_relu(in_channels, channels, 1)]
         branches += [_conv_bn_relu(in_channels, channels, 3, r) for r in rates]
-        branches.append(_PoolBranch(in_channels, channels, 1))
+        branches.append(_PoolBranch(in_channels, channels, 1, bn=pool_bn))
         self.branches = nn.ModuleList(branches)
         self.project = nn.Sequential(
             _conv_bn_relu(len(branches) * channels, channels, 1), nn.Dropout(0.5)
@@ -105,7 +129,8 @@ class ASPP(nn.Module):
 
 class DeepLabV3Head(nn.Module):
     """DeepLabV3: ASPP, a 3x3 conv (-> embed), a 1x1 classifier. Use rates (12, 24, 36) at
-    output stride 8 and (6, 12, 18) at output stride 16."""
+    output stride 8 and (6, 12, 18) at output stride 16. variant: "torchvision" or "cirkd"
+    (BatchNorm in the pooling branch, dropout 0.1 before the classifier; see the module doc)."""
 
     def __init__(
         self,
@@ -113,11 +138,14 @@ class DeepLabV3Head(nn.Module):
         num_classes: int,
         channels: int = 256,
         rates: Sequence[int] = (12, 24, 36),
+        variant: str = "torchvision",
     ) -> None:
         super().__init__()
+        cirkd = _check_variant(variant)
         self.channels = channels
-        self.aspp = ASPP(in_channels, channels, rates)
+        self.aspp = ASPP(in_channels, channels, rates, pool_bn=cirkd)
         self.conv = _conv_bn_relu(channels, channels, 3)
+        self.dropout = nn.Dropout(0.1) if cirkd else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self)
         init_classifier(self.classifier)
@@ -125,12 +153,14 @@ class DeepLabV3Head(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, in_channels, h, w) -> embed (B, channels, h, w), logits (B, K, h, w)."""
         embed = self.conv(self.aspp(x))
-        return embed, self.classifier(embed)
+        return embed, self.classifier(self.dropout(embed))
 
 
 class PSPHead(nn.Module):
     """PSPNet (Zhao et al., CVPR 2017): pyramid pooling over `bins`, concatenated with the input,
-    a 3x3 bottleneck conv (-> embed), dropout 0.1, a 1x1 classifier."""
+    a 3x3 bottleneck conv (-> embed), dropout 0.1, a 1x1 classifier. The pyramid branches have
+    `channels` channels, or with variant "cirkd" in_channels // 4 (and BatchNorm in the global
+    branch, align_corners=True upsampling; see the module doc)."""
 
     def __init__(
         self,
@@ -138,11 +168,16 @@ class PSPHead(nn.Module):
         num_classes: int,
         channels: int = 512,
         bins: Sequence[int] = (1, 2, 3, 6),
+        variant: str = "torchvision",
     ) -> None:
         super().__init__()
+        cirkd = _check_variant(variant)
         self.channels = channels
-        self.stages = nn.ModuleList(_PoolBranch(in_channels, channels, b) for b in bins)
-        self.bottleneck = _conv_bn_relu(in_channels + len(bins) * channels, channels, 3)
+        branch = in_channels // 4 if cirkd else channels
+        self.stages = nn.ModuleList(
+            _PoolBranch(in_channels, branch, b, bn=cirkd, align_corners=cirkd) for b in bins
+        )
+        self.bottleneck = _conv_bn_relu(in_channels + len(bins) * branch, channels, 3)
         self.dropout = nn.Dropout(0.1)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self)

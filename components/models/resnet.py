@@ -9,6 +9,16 @@ At `width=1.0` the parameter and buffer names and shapes are torchvision's (`con
 as is. `width` scales every channel count, for CPU tests. Strides of the last stages become
 dilations with torchvision's `replace_stride_with_dilation` convention: the first block of a
 dilated stage keeps the previous dilation, the following blocks use the new one.
+
+`variant="cirkd"` is CIRKD's ResNetV1s instead (winycg/CIRKD models/base_models/resnetv1b.py,
+ResNetV1b with deep_stem=True, lines 98-111, as models/segbase.py builds every ResNet student
+and teacher): a three-conv 3x3 stem (conv1 3->64 stride 2, bn1, conv2 64->64, bn2, conv3
+64->128, bn3; the stem ends at 128 channels, so layer1 gets a downsample) and CIRKD's dilation
+rule (`_make_layer`, lines 143-163): a stage of dilation d starts with a block whose first 3x3
+conv has dilation 1 (d = 1 or 2) or 2 (d = 4) and whose second 3x3 conv (BasicBlock) already
+has d. For Bottleneck, whose only 3x3 conv takes the first value, the rule equals torchvision's.
+Key names stay top-level (`conv1`, `bn1`, `conv2`, ..., `layer1.0.downsample.0.weight`), as
+CIRKD's backbone under its `pretrained.` prefix, so its `resnet18-imagenet.pth` loads as is.
 """
 
 from __future__ import annotations
@@ -49,12 +59,15 @@ class BasicBlock(nn.Module):
         stride: int = 1,
         dilation: int = 1,
         downsample: nn.Module | None = None,
+        dilation2: int | None = None,
     ) -> None:
+        """dilation2: the second conv's dilation when it differs from the first's (CIRKD's
+        first block of a dilated stage, resnetv1b.py BasicBlockV1b lines 22-33)."""
         super().__init__()
         self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes, 1, dilation)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation if dilation2 is None else dilation2)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
@@ -77,7 +90,9 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         dilation: int = 1,
         downsample: nn.Module | None = None,
+        dilation2: int | None = None,
     ) -> None:
+        """dilation2 is accepted for BasicBlock's signature and unused: one 3x3 conv here."""
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -102,7 +117,11 @@ class ResNet(nn.Module):
     block: BasicBlock or Bottleneck; layers: blocks per stage, (2, 2, 2, 2) for ResNet-18,
     (3, 4, 6, 3) for 34/50, (3, 4, 23, 3) for 101. width: channel multiplier (base 64 becomes
     max(8, round(64 * width))). output_stride: 8 (layer3 and layer4 dilated) or 16 (layer4).
+    variant: "torchvision" (7x7 stem, torchvision's dilation rule) or "cirkd" (deep stem and
+    CIRKD's dilation rule, see the module docstring).
     """
+
+    VARIANTS = ("torchvision", "cirkd")
 
     def __init__(
         self,
@@ -110,8 +129,11 @@ class ResNet(nn.Module):
         layers: Sequence[int],
         width: float = 1.0,
         output_stride: int = 8,
+        variant: str = "torchvision",
     ) -> None:
         super().__init__()
+        if variant not in self.VARIANTS:
+            raise ValueError(f"variant must be one of {self.VARIANTS}, got {variant!r}")
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
         if width <= 0:
@@ -119,10 +141,22 @@ class ResNet(nn.Module):
         base = max(8, round(64 * width))
         dilate = (False, False, output_stride == 8, True)
         self.output_stride = output_stride
-        self._inplanes = base
+        self.variant = variant
+        self.deep_stem = variant == "cirkd"
         self._dilation = 1
-        self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(base)
+        if self.deep_stem:
+            # resnetv1b.py lines 103-111: 3x3/2 3->64, 3x3 64->64, 3x3 64->128, each BN + ReLU.
+            self.conv1 = _conv3x3(3, base, stride=2)
+            self.bn1 = nn.BatchNorm2d(base)
+            self.conv2 = _conv3x3(base, base)
+            self.bn2 = nn.BatchNorm2d(base)
+            self.conv3 = _conv3x3(base, 2 * base)
+            self.bn3 = nn.BatchNorm2d(2 * base)
+            self._inplanes = 2 * base
+        else:
+            self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(base)
+            self._inplanes = base
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.out_channels: dict[str, int] = {}
@@ -152,7 +186,12 @@ class ResNet(nn.Module):
                 nn.Conv2d(self._inplanes, out, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(out),
             )
-        layers = [block(self._inplanes, planes, stride, previous_dilation, downsample)]
+        if self.variant == "cirkd":
+            # resnetv1b.py lines 152-162: dilation 1 or 2 -> first conv 1, 4 -> 2; then d.
+            first = 1 if self._dilation in (1, 2) else 2
+            layers = [block(self._inplanes, planes, stride, first, downsample, self._dilation)]
+        else:
+            layers = [block(self._inplanes, planes, stride, previous_dilation, downsample)]
         self._inplanes = out
         layers += [block(out, planes, 1, self._dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -160,7 +199,10 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x: (B, 3, H, W). Returns {"layer1": (B, C1, H/4, W/4), "layer2": (.., H/8, ..),
         "layer3": (.., H/min(16, OS), ..), "layer4": (B, C4, H/OS, W/OS)} (sizes rounded up)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.deep_stem:
+            x = self.relu(self.bn3(self.conv3(self.relu(self.bn2(self.conv2(x))))))
+        x = self.maxpool(x)
         feats = {}
         for name in STAGES:
             x = getattr(self, name)(x)
@@ -184,8 +226,9 @@ def _unwrap(obj: object, path: str) -> dict[str, Tensor]:
 
 
 def _strip(key: str) -> str:
-    # DDP saves under "module.", segmentation checkpoints under "backbone." (or both, nested).
-    while key.startswith(("module.", "backbone.")):
+    # DDP saves under "module.", segmentation checkpoints under "backbone." (or both, nested),
+    # CIRKD's under "pretrained." (models/segbase.py line 24), so its networks' backbones load.
+    while key.startswith(("module.", "backbone.", "pretrained.")):
         key = key.split(".", 1)[1]
     return key
 

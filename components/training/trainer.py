@@ -36,6 +36,7 @@ from components.data.ingest import SegDataConfig
 from components.data.shards import DatasetInfo, list_shards, resolve_fs, write_atomic
 from components.data.synthetic import ensure_synthetic
 from components.models.build import build_model
+from components.models.convert import convert_state_dict
 from components.regimes import regime_of
 from components.training.checkpoint import (
     CheckpointError,
@@ -240,6 +241,10 @@ def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Te
         state = load_torch_file(p)
         state = state.get("state_dict", state.get("model", state))
         model = fallback_model
+        try:  # another code base's layout (CIRKD's released teachers) to ours, whole or not at all
+            state = convert_state_dict(state, build_model(model, num_classes))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     else:
         folder = resolve_checkpoint(path)  # a URI is fetched into a local cache
         state, meta = load_model_state(folder)

@@ -71,3 +71,37 @@ def test_gradient_reaches_student_only():
     channel_wise_distillation(student, teacher).backward()
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
     assert teacher.grad is None
+
+
+def test_normalised_by_the_students_channels_before_projection_as_cirkd():
+    """CIRKD's CriterionCWD (losses/cwd.py:60-83) takes n, c from the student's map *before*
+    its 1x1 conv to the teacher's channels and divides the KL summed over the teacher's
+    channel maps by n·c_student. Student 2 channels -> teacher 4: twice the per-map mean."""
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 2, 4, 4, generator=g)
+    teacher = 2 * torch.randn(2, 4, 4, 4, generator=g)
+    conv = torch.nn.Conv2d(2, 4, 1, bias=False)  # CIRKD's alignment conv: bias-free, no BN
+    projected = conv(student).detach()
+    per_map_mean = cwd_reference(projected.numpy(), teacher.numpy(), 4.0)  # / (B·4) · 16
+    got = channel_wise_distillation(projected, teacher, 4.0, student_channels=2)
+    assert got.item() == pytest.approx(2 * per_map_mean, rel=1e-5)  # / (B·2) · 16
+    # Without a projection (logits: C_s = C = K) the count is the maps' own.
+    same = channel_wise_distillation(projected, teacher, 4.0)
+    assert same.item() == pytest.approx(per_map_mean, rel=1e-5)
+
+
+def test_feature_term_divides_by_the_student_models_embed_channels():
+    from types import SimpleNamespace
+
+    from components.distillation.cwd import CWD_FEATURE, CWD_LOGIT
+
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    settings = SimpleNamespace(cwd_temperature=4.0)
+    plain = channel_wise_distillation(s, t, 4.0).item()
+    view = SimpleNamespace(settings=settings, student_channels={"embed": 2, "low": 1})
+    assert CWD_FEATURE.compute(s, t, view, None).item() == pytest.approx(2 * plain, rel=1e-6)
+    assert CWD_LOGIT.compute(s, t, view, None).item() == pytest.approx(plain, rel=1e-6)
+    # A view without the student's channel counts: C_s = C.
+    bare = SimpleNamespace(settings=settings)
+    assert CWD_FEATURE.compute(s, t, bare, None).item() == pytest.approx(plain, rel=1e-6)

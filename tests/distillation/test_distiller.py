@@ -145,9 +145,13 @@ def test_cirkd_and_cwd_terms_match_their_functions_with_a_stride_16_teacher():
     with torch.no_grad():
         t_embed = method.teacher(batch["image"])["features"]["embed"]
         s_embed = method.trainable(batch["image"])["adapted"]["embed"]
-    torch.testing.assert_close(
-        terms["cwd_feature"].detach(), 50 * channel_wise_distillation(s_embed, t_embed, 4.0)
-    )
+    # Normalised by the student's own channels, as CIRKD's CriterionCWD (losses/cwd.py): here
+    # fewer than the teacher's, so the term is larger than the per-map mean by their ratio.
+    c_s, c_t = method.student_channels["embed"], t_embed.shape[1]
+    expected = 50 * channel_wise_distillation(s_embed, t_embed, 4.0, student_channels=c_s)
+    torch.testing.assert_close(terms["cwd_feature"].detach(), expected)
+    per_map = 50 * channel_wise_distillation(s_embed, t_embed, 4.0)
+    torch.testing.assert_close(terms["cwd_feature"].detach(), per_map * c_t / c_s)
 
 
 def test_zero_weights_remove_terms_and_their_adapters():
