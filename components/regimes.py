@@ -178,6 +178,17 @@ def _supervised_checks(cfg: Config) -> None:
             f"'method.weights.{terms[0]}': method '{cfg.method.name}' trains without a teacher, "
             f"so it takes no distillation term (set method.name to one that has a teacher)"
         )
+    a = cfg.method.adversarial
+    if a.form == "hinge" and weights.get("adversarial", 0) > 0:
+        from components.data.augment import crop_hw
+
+        side = min(crop_hw(cfg.data.crop_size)) // cfg.model.output_stride
+        if side < 64:
+            raise ConfigError(
+                "'method.adversarial.form': hinge (CIRKD's discriminator: four stride-2 4x4 "
+                f"convs, then a 4x4 one) needs logits of at least 64x64; data.crop_size "
+                f"{cfg.data.crop_size} at output stride {cfg.model.output_stride} gives {side}"
+            )
     if weights.get("structural", 0) > 0:
         from components.data.augment import crop_hw
         from components.distillation.contourlet import max_levels

@@ -94,6 +94,8 @@ def test_wrong_type_named():
         (["eval.mode=slide", "eval.crop=[32,32]", "eval.stride=[64,64]"], "eval stride"),
         ("eval.scales=[0.0]", "eval scales"),
         ("eval.boundary_width=0", "eval.boundary_width"),
+        ("method.adversarial.form=hinge", "method.adversarial.form"),  # 48 px crops: 6x6 logits
+        ("method.adversarial.form=lsgan", "method.adversarial.form"),
     ],
 )
 def test_impossible_values_named(override, key):
