@@ -115,7 +115,8 @@ def fake_config(gcs_address: str) -> dict:
 
 
 def _alive_nodes(address: str, env: dict) -> int:
-    code = "import ray; ray.init(address=%r); print(sum(n['Alive'] for n in ray.nodes()))"
+    # The autoscaler's events ("Removing 1 nodes of type ...") reach this driver's stdout too.
+    code = "import ray; ray.init(address=%r); print('NODES', sum(n['Alive'] for n in ray.nodes()))"
     out = subprocess.run(
         [sys.executable, "-c", code % address],
         capture_output=True,
@@ -124,7 +125,7 @@ def _alive_nodes(address: str, env: dict) -> int:
         timeout=120,
         check=True,
     )
-    return int(out.stdout.strip().splitlines()[-1])
+    return int([ln for ln in out.stdout.splitlines() if ln.startswith("NODES ")][-1].split()[1])
 
 
 @pytest.fixture
