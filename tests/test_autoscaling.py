@@ -13,11 +13,7 @@ head's process session is stopped here."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,42 +22,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_heads import RAY, free_port, stop_session, tail, token_env
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_members(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _stop_session(sid: int) -> list[int]:
-    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
-        for pid in _session_members(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while _session_members(sid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    return _session_members(sid)
 
 
 def fake_config(gcs_address: str) -> dict:
@@ -131,24 +96,20 @@ def _alive_nodes(address: str, env: dict) -> int:
 @pytest.fixture
 def cold_cluster():
     tmp = Path(tempfile.mkdtemp(prefix="sda-", dir="/tmp"))  # short: unix socket paths
-    port = _free_port()
+    port = free_port()
     from ray._private.services import get_node_ip_address
 
     address = f"{get_node_ip_address()}:{port}"  # where `ray start --head` listens
     config = tmp / "autoscaling.json"
     config.write_text(json.dumps(fake_config(address)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    token = tmp / "auth_token"  # token auth, as tests/pipelines/test_job_submit.py runs its head
-    token.write_text(secrets.token_hex(32))
-    env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN_PATH=str(token))  # fmt: skip
+    env = token_env(tmp, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     command = [
         RAY, "start", "--head", "--block", "--disable-usage-stats",
         f"--port={port}", "--num-cpus=0",
         f"--autoscaling-config={config}",
-        f"--dashboard-port={_free_port()}", "--dashboard-host=127.0.0.1",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
         f"--temp-dir={tmp}/ray",
     ]  # fmt: skip
     with open(tmp / "head.log", "wb") as log:
@@ -158,30 +119,26 @@ def cold_cluster():
         deadline, last = time.monotonic() + 180, ""
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}:\n{_tail(tmp / 'head.log')}")
+                pytest.fail(f"ray start exited {proc.returncode}:\n{tail(tmp / 'head.log')}")
             try:
                 if _alive_nodes(address, env) == 1:
                     break
             except (subprocess.SubprocessError, ValueError, IndexError) as e:
                 last = getattr(e, "stderr", None) or repr(e)
             if time.monotonic() > deadline:
-                pytest.fail(f"no head at {address}: {last}\n{_tail(tmp / 'head.log')}")
+                pytest.fail(f"no head at {address}: {last}\n{tail(tmp / 'head.log')}")
             time.sleep(2)
         yield {"address": address, "env": env, "tmp": tmp}
     finally:
-        survivors = _stop_session(proc.pid)
+        survivors = stop_session(proc.pid)
         proc.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
         assert not survivors, f"cluster processes survived: {survivors}"
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 def _monitor_log(cluster) -> str:
     logs = cluster["tmp"] / "ray" / "session_latest" / "logs"
-    return "\n".join(_tail(p, 30) for p in sorted(logs.glob("monitor.*")) if p.is_file())
+    return "\n".join(tail(p, 30) for p in sorted(logs.glob("monitor.*")) if p.is_file())
 
 
 def test_cold_autoscaling_cluster_scales_up_for_a_run_and_down_after(

@@ -6,11 +6,7 @@ or anything else on the machine. (A run too big for the cluster is tested in tes
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,63 +15,26 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ray_heads import RAY, free_port, stop_session, tail, token_env
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_members(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields 3 and 6 of /proc/PID/stat: the state (Z: exited, not yet reaped) and session
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _stop_session(sid: int) -> list[int]:
-    """SIGTERM, then SIGKILL, every process of the head's session; returns any survivors."""
-    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
-        for pid in _session_members(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while _session_members(sid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    return _session_members(sid)
 
 
 @pytest.fixture(scope="module")
 def head():
     # A short folder: Ray's unix socket paths must stay under ~107 characters.
     tmp = Path(tempfile.mkdtemp(prefix="sdj-", dir="/tmp"))
-    token = tmp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    # Token authentication, as a head should run: the job CLI sends this token.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    dashboard = _free_port()
+    env = token_env(tmp)  # token authentication, as a head should run
+    dashboard = free_port()
     command = [
         RAY, "start", "--head", "--block", "--disable-usage-stats",
-        f"--port={_free_port()}",
+        f"--port={free_port()}",
         f"--dashboard-port={dashboard}",
         "--dashboard-host=127.0.0.1",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
         "--num-cpus=2",
         f"--temp-dir={tmp}/ray",
     ]  # fmt: skip
@@ -87,7 +46,7 @@ def head():
         deadline = time.monotonic() + 240
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}:\n{_tail(tmp / 'head.log')}")
+                pytest.fail(f"ray start exited {proc.returncode}:\n{tail(tmp / 'head.log')}")
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=5)
                 break
@@ -95,25 +54,21 @@ def head():
                 if getattr(e, "code", None) == 401:
                     break
             if time.monotonic() > deadline:
-                pytest.fail(f"no dashboard at {address} after 240 s:\n{_tail(tmp / 'head.log')}")
+                pytest.fail(f"no dashboard at {address} after 240 s:\n{tail(tmp / 'head.log')}")
             time.sleep(2)
         # The job API itself (a separate dashboard module) must answer too.
         deadline = time.monotonic() + 240
         while subprocess.run([RAY, "job", "list", "--address", address], check=False,
                              capture_output=True, env=env, timeout=120).returncode != 0:  # fmt: skip
             if time.monotonic() > deadline:
-                pytest.fail(f"the job API at {address} never answered:\n{_tail(tmp / 'head.log')}")
+                pytest.fail(f"the job API at {address} never answered:\n{tail(tmp / 'head.log')}")
             time.sleep(5)
         yield {"address": address, "env": env, "tmp": tmp}
     finally:
-        survivors = _stop_session(proc.pid)
+        survivors = stop_session(proc.pid)
         proc.wait(timeout=30)  # reap `ray start` itself
         assert not survivors, f"head processes survived: {survivors}"
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def _head_logs(head) -> str:
@@ -123,7 +78,7 @@ def _head_logs(head) -> str:
     parts = []
     for name in ("dashboard.log", "dashboard_agent.log", "raylet.out"):
         if (logs / name).is_file():
-            parts.append(f"--- {name}:\n{_tail(logs / name, 25)}")
+            parts.append(f"--- {name}:\n{tail(logs / name, 25)}")
     return "\n".join(parts)
 
 
