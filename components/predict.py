@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
+from components.data.images import IMAGE_EXTENSIONS
 from components.data.shards import (
     DatasetError,
     decode_image,
@@ -56,7 +57,6 @@ from components.data.shards import (
 from components.data.sources.cityscapes import LABEL_TO_TRAIN, TRAIN_CLASSES
 from components.data.sources.common import voc_colormap
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 LABELS, OVERLAYS, CITYSCAPES = "labels", "overlays", "cityscapes"
 FORMATS = (CITYSCAPES,)
 OVERLAY_ALPHA = 0.5

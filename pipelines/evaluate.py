@@ -51,13 +51,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from components.config import from_dict
     from components.data.ingest import eval_dataset
     from components.data.shards import DatasetError, DatasetInfo
     from components.inference import EvalMode
     from components.metrics import confusion_png, format_table
-    from components.models.build import build_model
-    from components.training.checkpoint import CheckpointError, load_model_state, resolve_checkpoint
+    from components.models.checkpointed import load_checkpoint_model
+    from components.training.checkpoint import CheckpointError
     from components.training.evaluation import evaluate_counts
     from components.training.progress import Bar, iterate
     from components.training.trainer import quiet_ray_data
@@ -66,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         mode = EvalMode(args.mode, args.crop, args.stride, args.scales, args.flip)
         if args.boundary_width is not None and args.boundary_width < 1:
             raise ValueError(f"--boundary-width must be >= 1 pixel, got {args.boundary_width}")
-        folder = resolve_checkpoint(args.checkpoint)
-        state, meta = load_model_state(folder)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, meta = load_checkpoint_model(args.checkpoint, device)
+        folder = Path(meta["folder"])
         info = DatasetInfo.load(args.data)
         if meta["num_classes"] != info.num_classes:
             raise CheckpointError(
@@ -85,10 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DatasetError, ValueError) as e:
         return fail(str(e))
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(from_dict({"model": meta["model"]}).model, info.num_classes)
-    model.load_state_dict(state)
-    model.to(device)
     batches = dataset.iter_torch_batches(
         batch_size=args.batch_size,
         dtypes={"image": torch.float32, "mask": torch.int64, "valid": torch.bool},

@@ -21,6 +21,9 @@ import zlib
 import numpy as np
 from PIL import Image
 
+# The image files converters and predict read (lower-case suffixes).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
 
 def encode_png(array: np.ndarray) -> bytes:
     """(H, W, 3) or (H, W) uint8 -> PNG bytes (lossless)."""
@@ -108,4 +111,10 @@ def mask_labels(mask: np.ndarray, ignore_index: int = 255) -> list[int]:
     return [int(c) for c in present if c != ignore_index]
 
 
-__all__ = ["check_png_crcs", "decode_image", "decode_mask", "encode_png", "mask_labels"]
+__all__ = [
+    "check_png_crcs",
+    "decode_image",
+    "decode_mask",
+    "encode_png",
+    "mask_labels",
+]

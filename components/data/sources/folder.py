@@ -29,10 +29,10 @@ import yaml
 from PIL import Image
 
 from components.data.convert import BadItem, Item, Sample, image_size, read_file
+from components.data.images import IMAGE_EXTENSIONS
 from components.data.shards import DatasetError, decode_mask
 from components.data.sources.common import need_dir, voc_colormap
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 IGNORE = 255
 # A split name becomes a folder under --out: letters, digits, '_' and '-', nothing that walks.
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
