@@ -168,7 +168,8 @@ def quiet_environment(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
-    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", _ray_data_logging_config())
+    if "RAY_DATA_LOGGING_CONFIG" not in os.environ:  # once per process, not per pipeline call
+        os.environ["RAY_DATA_LOGGING_CONFIG"] = _ray_data_logging_config()
     # Importing ray.data (above) applied its default config in this process: again, with ours.
     from ray.data._internal.logging import configure_logging
 

@@ -269,7 +269,7 @@ def _epoch_totals(w: Worker, stats: EpochStats) -> dict:
 def sync_batch_norm(module: nn.Module, setting: bool | None, on_gpu: bool) -> nn.Module:
     """`module` with its BatchNorms synchronised across the workers when `trainer.sync_bn` asks
     (None: on GPUs). The state_dict keys do not change, so checkpoints load into plain models."""
-    if (setting is None and on_gpu) or (setting and on_gpu):
+    if on_gpu and setting is not False:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module
 
