@@ -481,10 +481,9 @@ def test_rsync_exclude_drops_only_top_level_folders(path, tmp_path):
 
 
 def _crd_dir() -> Path:
-    for folder in (CRDS, ROOT.parent / "shared" / "kuberay-crds" / "v1.7.0"):
-        if (folder / "ray.io_rayclusters.yaml").is_file():
-            return folder
-    pytest.skip(f"KubeRay CRDs not found in {CRDS}: the schema checks need them")
+    """The v1.7.0 CRDs, committed with the tests (tests/fixtures/kuberay-crds/README.md)."""
+    assert (CRDS / "ray.io_rayclusters.yaml").is_file(), f"KubeRay CRDs missing from {CRDS}"
+    return CRDS
 
 
 def _strict(schema):
