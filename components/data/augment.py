@@ -12,8 +12,8 @@ use these are in decode.py; both are re-exported by transforms.py.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
 from skimage.filters import gaussian
-from skimage.transform import resize
 
 # The torchvision ImageNet statistics, on the 0-255 scale of uint8 images.
 IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
@@ -42,31 +42,73 @@ def random_scale_crop_flip(
     (height, width), e.g. CIRKD's 512x1024 Cityscapes crops), maybe flip horizontally.
 
     image (H, W, 3) uint8, mask (H, W) uint8 -> (ch, cw, 3) uint8, (ch, cw) uint8.
-    The image is resized bilinearly and the mask by nearest neighbour; both share the crop
+    The image is resampled bilinearly and the mask by nearest neighbour; both share the crop
     offset and the flip (p = 0.5). Padding (bottom/right, when the scaled image is smaller than
     the crop) is 0 in the image and `ignore_index` in the mask. `with_area` also returns a
     (crop, crop) bool map that is False on the padding (unlabeled images have no mask to mark it).
+
+    Only the crop is resampled (`resample_window`), not the whole rescaled image: the result is
+    that of skimage's `resize` of the whole image followed by the crop (the mapping of its
+    `ndi.zoom(grid_mode=True, mode="mirror")`), to within one grey level where float rounding
+    lands on .5, and the mask's nearest neighbour may pick the other of two equidistant source
+    pixels; the cost scales with the crop, not the source image (tests/data/test_transforms.py).
     """
     h, w = mask.shape
     s = rng.uniform(*scale_range)
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    if (nh, nw) != (h, w):
-        image = resize(image, (nh, nw), order=1, preserve_range=True, anti_aliasing=False)
-        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-        mask = resize(mask, (nh, nw), order=0, preserve_range=True, anti_aliasing=False)
-        mask = mask.astype(np.uint8)
     ch, cw = crop_hw(crop_size)
-    image, mask = pad_to(image, mask, max(nh, ch), max(nw, cw), ignore_index)
-    y = int(rng.integers(0, image.shape[0] - ch + 1))
-    x = int(rng.integers(0, image.shape[1] - cw + 1))
-    image = image[y : y + ch, x : x + cw]
-    mask = mask[y : y + ch, x : x + cw]
+    y = int(rng.integers(0, max(nh, ch) - ch + 1))
+    x = int(rng.integers(0, max(nw, cw) - cw + 1))
+    oh, ow = min(ch, nh - y), min(cw, nw - x)  # the part of the crop inside the scaled image
+    if (nh, nw) == (h, w):
+        part_image, part_mask = image[y : y + oh, x : x + ow], mask[y : y + oh, x : x + ow]
+    else:
+        part_image, part_mask = resample_window(image, mask, (nh, nw), (y, x), (oh, ow))
+    image, mask = pad_to(part_image, part_mask, ch, cw, ignore_index)
     area = np.zeros((ch, cw), bool)
-    area[: max(0, nh - y), : max(0, nw - x)] = True
+    area[:oh, :ow] = True
     if flip and rng.random() < 0.5:
         image, mask, area = image[:, ::-1], mask[:, ::-1], area[:, ::-1]
     out = (np.ascontiguousarray(image), np.ascontiguousarray(mask))
     return (*out, np.ascontiguousarray(area)) if with_area else out
+
+
+def resample_window(
+    image: np.ndarray,
+    mask: np.ndarray,
+    scaled: tuple[int, int],
+    origin: tuple[int, int],
+    size: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `size` window at `origin` of the image and mask resized to `scaled` (bilinear /
+    nearest, skimage's `resize` mapping: output pixel o reads source (o + 0.5) * in / out - 0.5,
+    mirrored at the edges), computed for the window's pixels only.
+
+    image (H, W, 3) uint8, mask (H, W) uint8 -> (oh, ow, 3) uint8, (oh, ow) uint8."""
+    (h, w), (nh, nw), (y, x), (oh, ow) = mask.shape, scaled, origin, size
+    fy, fx = h / nh, w / nw
+    first = ((y + 0.5) * fy - 0.5, (x + 0.5) * fx - 0.5)
+    # The source rows/columns the window reads (+1 for the bilinear neighbour, +1 for safety);
+    # slicing them first keeps the float copy small. Coordinates outside the image (the
+    # mirrored edges) only occur where the slice reaches the image's own edge.
+    y0 = max(0, int(np.floor(first[0])) - 1)
+    x0 = max(0, int(np.floor(first[1])) - 1)
+    y1 = min(h, int(np.ceil(first[0] + (oh - 1) * fy)) + 3)
+    x1 = min(w, int(np.ceil(first[1] + (ow - 1) * fx)) + 3)
+    offset = (first[0] - y0, first[1] - x0)
+    src_image, src_mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    out_image = np.empty((oh, ow, 3), np.uint8)
+    for c in range(3):
+        plane = ndi.affine_transform(
+            src_image[..., c].astype(np.float64), (fy, fx), offset=offset,
+            output_shape=(oh, ow), order=1, mode="mirror", prefilter=False,
+        )  # fmt: skip
+        out_image[..., c] = np.clip(np.rint(plane), 0, 255)
+    out_mask = ndi.affine_transform(
+        src_mask, (fy, fx), offset=offset, output_shape=(oh, ow), order=0, mode="mirror",
+        prefilter=False,
+    )  # fmt: skip
+    return out_image, out_mask
 
 
 def strong_photometric(

@@ -262,3 +262,52 @@ def test_rectangular_crops_keep_image_and_mask_aligned():
     )
     assert msk.shape == (48, 80) and (msk[40:] == 255).all() and not area[40:].any()
     assert crop_hw(48) == (48, 48) and crop_hw([512, 1024]) == (512, 1024)
+
+
+def test_crop_first_resampling_equals_resizing_the_whole_image_then_cropping():
+    """The crop is resampled alone (augment.resample_window): the reference is what the
+    decoder did before, skimage's resize of the whole image (bilinear / nearest, no
+    anti-aliasing) then the crop. Equal to within one grey level (float rounding at .5), and
+    the masks equal except where the source coordinate (o + 0.5) * in / out - 0.5 is an exact
+    tie between two source pixels (nearest neighbour may pick either)."""
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(1)
+    off_by_one = pixels = 0
+    for _ in range(300):
+        h, w = rng.integers(3, 90, 2)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        mask = rng.integers(0, 6, (h, w), dtype=np.uint8)
+        s = rng.uniform(0.4, 2.2)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        oh, ow = rng.integers(1, nh + 1), rng.integers(1, nw + 1)
+        y, x = rng.integers(0, nh - oh + 1), rng.integers(0, nw - ow + 1)
+        whole = resize(image, (nh, nw), order=1, preserve_range=True, anti_aliasing=False)
+        ref = np.clip(np.rint(whole), 0, 255).astype(np.uint8)[y : y + oh, x : x + ow]
+        ref_mask = resize(mask, (nh, nw), order=0, preserve_range=True, anti_aliasing=False)
+        ref_mask = ref_mask.astype(np.uint8)[y : y + oh, x : x + ow]
+        got, got_mask = augment.resample_window(image, mask, (nh, nw), (y, x), (oh, ow))
+        assert got.shape == ref.shape and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - ref)
+        assert diff.max() <= 1
+        off_by_one += int((diff > 0).sum())
+        pixels += diff.size
+        ry = (np.arange(y, y + oh) + 0.5) * h / nh - 0.5
+        rx = (np.arange(x, x + ow) + 0.5) * w / nw - 0.5
+        tie = (np.abs(ry % 1 - 0.5) < 1e-9)[:, None] | (np.abs(rx % 1 - 0.5) < 1e-9)[None, :]
+        assert not ((got_mask != ref_mask) & ~tie).any()
+    assert off_by_one < 0.01 * pixels
+
+
+def test_a_crop_of_a_large_image_reads_only_its_window():
+    """Pixels far outside the crop's source window cannot change it (the decode cost scales
+    with the crop): the same crop of an image whose far rows/columns are noise."""
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    mask = rng.integers(0, 4, (400, 600), dtype=np.uint8)
+    got = augment.resample_window(image, mask, (560, 840), (100, 200), (64, 64))
+    noisy, noisy_mask = image.copy(), mask.copy()
+    noisy[:50], noisy[150:], noisy[:, :120], noisy[:, 220:] = 0, 255, 7, 9
+    noisy_mask[:50], noisy_mask[150:] = 3, 1
+    again = augment.resample_window(noisy, noisy_mask, (560, 840), (100, 200), (64, 64))
+    assert np.array_equal(got[0], again[0]) and np.array_equal(got[1], again[1])
