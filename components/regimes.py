@@ -33,12 +33,14 @@ class Stream:
     dtypes: Mapping[str, str]  # column -> torch dtype name
 
 
-LABELED = {"image": "float32", "mask": "int64", "valid": "bool"}
+# As the rows travel (uint8 images and masks); the worker makes the model's float32 images and
+# int64 masks on its device (components/data/device.model_batch).
+LABELED = {"image": "uint8", "mask": "uint8", "valid": "bool"}
 WEAK = {**LABELED, "labels": "float32", "area": "bool", "background_only": "bool"}
 UNLABELED = {
-    "image": "float32",
-    "image_strong": "float32",
-    "mask": "int64",
+    "image": "uint8",
+    "image_strong": "uint8",
+    "mask": "uint8",
     "area": "bool",
     "valid": "bool",
 }

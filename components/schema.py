@@ -14,7 +14,7 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 MITS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
 BACKBONES = RESNETS + MITS
 HEADS = ("deeplabv3", "pspnet", "segformer")
-REFINEMENTS = ("varm", "plain", "none")
+REFINEMENTS = ("varm", "par", "plain", "none")  # par: AFA's PAR; plain: the old ablation
 STRONG_AUGMENTATIONS = ("colour_jitter", "grayscale", "blur", "cutmix")
 
 
@@ -70,6 +70,10 @@ class DataConfig:
     # Keep the encoded rows in the object store after the first epoch (None: when they take
     # under 20% of it). Saves re-listing and re-reading the shards every epoch.
     cache_encoded: bool | None = None
+    # Evaluate from the val rows decoded once in each worker's memory (its share, by rank)
+    # instead of through Ray Data every epoch (None: when a worker's share decodes to under
+    # 256 MiB). Evaluation has no randomness, so the numbers are the same either way.
+    val_in_workers: bool | None = None
 
 
 @dataclass
@@ -189,7 +193,8 @@ class WeaklyConfig:
     cam_flip: bool = True
     high_threshold: float = 0.55  # background score of the confident pseudo label
     low_threshold: float = 0.35  # background score of the permissive one; between: ignore
-    refine: str = "varm"  # varm (TSCD), plain (AFA-style, appearance only) or none
+    # varm (TSCD), par (AFA's PAR), plain (the old appearance-only ablation, not AFA's) or none
+    refine: str = "varm"
     refine_iterations: int = 10
     refine_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
     variation_weight: float = 0.01  # VARM's weight of the variation softmax
@@ -197,6 +202,12 @@ class WeaklyConfig:
     scd_scale: float = 0.3  # the second view of SCD: the image downscaled by this factor
     scd_points: int = 1600  # points sampled per view (40 x 40)
     warmup_iters: int = 2000  # classification loss only before this iteration
+    # The backbone's LayerNorms at lr 0 and weight decay 0, as AFA and TSCD train (their
+    # get_param_groups; components/training/schedule.py). False: they train at the backbone lr.
+    freeze_backbone_norms: bool = True
+    # After this iteration the seg term learns from labels propagated by the learned affinity
+    # (AFA's random walk, its default 6000 of 20k iterations); None: always the CAM labels.
+    propagate_after: int | None = 6000
 
 
 @dataclass

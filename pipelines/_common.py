@@ -232,7 +232,18 @@ def init_ray(dashboard: bool = True) -> None:
         ray.init(address=address)
         print(f"ray: connected to the cluster at {address}", flush=True)
         return
-    start_local_ray(include_dashboard=dashboard, dashboard_host="127.0.0.1")
+    start_local_ray(
+        include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=LOCAL_RUNTIME_ENV
+    )
+
+
+# The private local instance's tasks and actors (decoding, the training worker) run at nice 0,
+# like a plain PyTorch program and its DataLoader workers, instead of Ray's default 15: at 15 the
+# training worker yields its core whenever Ray's own processes (raylet, GCS, agents, at nice 0)
+# wake, which made one step in a hundred 10-20x slower on a 2-core machine
+# (benchmarks/loop_overhead.py, docs/benchmarks.md). `ray job submit` sets the same for its
+# supervisor; on a cluster the operator's setting stands.
+LOCAL_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
 def recorded_cluster() -> str | None:

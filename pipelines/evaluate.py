@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from components.data.device import model_batch
     from components.data.ingest import eval_dataset
     from components.data.shards import DatasetError, DatasetInfo
     from components.inference import EvalMode
@@ -87,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = dataset.iter_torch_batches(
         batch_size=args.batch_size,
-        dtypes={"image": torch.float32, "mask": torch.int64, "valid": torch.bool},
+        dtypes={"image": torch.uint8, "mask": torch.uint8, "valid": torch.bool},
     )
+    batches = map(model_batch, batches)
     rows = info.splits[args.split].rows
     bar = Bar(f"evaluating {args.split}", rows, "img", enabled=sys.stderr.isatty())
     batches = iterate(batches, bar, lambda b: len(b["mask"]))

@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 def ray_session():
     import ray
 
-    from pipelines._common import quiet_environment, start_local_ray
+    from pipelines._common import LOCAL_RUNTIME_ENV, quiet_environment, start_local_ray
 
     if not ray.is_initialized():
         # As a pipeline starts its own instance: its processes inherit the quiet settings.
@@ -34,6 +34,7 @@ def ray_session():
             dashboard_host="127.0.0.1",
             dashboard_port=port,
             log_to_driver=True,
+            runtime_env=LOCAL_RUNTIME_ENV,  # as init_ray: tasks and actors at nice 0
         )
     yield ray
     ray.shutdown()

@@ -14,6 +14,9 @@ Output columns of `decode_train_batch` / `decode_eval_batch`:
     mask   int64   (B, H, W)     class ids, ignore_index where unlabeled, padded or invalid
     id     str     (B,)
     valid  bool    (B,)
+With `normalized=False` (every decoder; what the Ray Data pipelines use) the images stay
+(B, H, W, 3) uint8 (0 for invalid rows) and masks are uint8: the transfer form, normalised on
+the worker's device by `components.data.device.model_batch` to the same numbers.
 
 Seeding, the same for the three training decoders (`decode_train_batch`, `decode_unlabeled_batch`,
 `decode_weak_batch`; `decode_eval_batch` has no randomness): with `seed`, the in-batch shuffle
@@ -98,22 +101,35 @@ def _assemble(
     height: int,
     width: int,
     ignore_index: int,
+    normalized: bool = True,
 ) -> dict[str, np.ndarray]:
     """Stack (H, W) pairs into the output columns; None rows become invalid placeholders."""
     images = np.zeros((len(rows), height, width, 3), np.uint8)
-    masks = np.full((len(rows), height, width), ignore_index, np.int64)
+    masks = np.full((len(rows), height, width), ignore_index, _mask_dtype(normalized))
     valid = np.zeros(len(rows), bool)
     for k, (_, pair) in enumerate(rows):
         if pair is not None:
             images[k], masks[k], valid[k] = pair[0], pair[1], True
-    normalized = normalize(images)
-    normalized[~valid] = 0.0
     return {
-        "image": normalized,
+        "image": _images_out(images, valid, normalized),
         "mask": masks,
         "id": np.array([row_id for row_id, _ in rows], dtype=str),
         "valid": valid,
     }
+
+
+def _mask_dtype(normalized: bool) -> type:
+    return np.int64 if normalized else np.uint8
+
+
+def _images_out(images: np.ndarray, valid: np.ndarray, normalized: bool) -> np.ndarray:
+    """(B, H, W, 3) uint8 as the column: normalised float32 (B, 3, H, W) with invalid rows 0,
+    or (`normalized=False`, the transfer form) the uint8 as it is (invalid rows are 0 already)."""
+    if not normalized:
+        return images
+    out = normalize(images)
+    out[~valid] = 0.0
+    return out
 
 
 def _augment_rng(seed: int | None, ids) -> np.random.Generator:
@@ -144,6 +160,7 @@ def decode_train_batch(
     ignore_index: int = 255,
     num_classes: int,
     shuffle: bool = False,
+    normalized: bool = True,
 ) -> dict[str, np.ndarray]:
     """Decode + random scale/crop/flip a batch of shard rows (columns `id`, `image`, `mask`).
 
@@ -162,7 +179,7 @@ def decode_train_batch(
                 pair[0], pair[1], crop_size, scale_range, flip, rng, ignore_index
             )
         out.append((row_id, pair))
-    return _assemble(out, *crop_hw(crop_size), ignore_index)
+    return _assemble(out, *crop_hw(crop_size), ignore_index, normalized)
 
 
 def _crop_with_optional_mask(
@@ -201,6 +218,7 @@ def decode_unlabeled_batch(
     num_classes: int,
     shuffle: bool = False,
     seed: int | None = None,
+    normalized: bool = True,
 ) -> dict[str, np.ndarray]:
     """Weak and strong views of unlabeled rows (same crop), for semi-supervised training.
 
@@ -217,7 +235,7 @@ def decode_unlabeled_batch(
     n, (ch, cw) = len(ids), crop_hw(crop_size)
     weak = np.zeros((n, ch, cw, 3), np.uint8)
     strong_views = np.zeros_like(weak)
-    diag = np.full((n, ch, cw), ignore_index, np.int64)
+    diag = np.full((n, ch, cw), ignore_index, _mask_dtype(normalized))
     area = np.zeros((n, ch, cw), bool)
     valid = np.zeros(n, bool)
     for k, row_id in enumerate(ids):
@@ -230,12 +248,9 @@ def decode_unlabeled_batch(
         image, mask, inside = crop
         weak[k], diag[k], area[k], valid[k] = image, mask, inside, True
         strong_views[k] = strong_photometric(image, strong, rng)
-    images, strong_images = normalize(weak), normalize(strong_views)
-    images[~valid] = 0.0
-    strong_images[~valid] = 0.0
     return {
-        "image": images,
-        "image_strong": strong_images,
+        "image": _images_out(weak, valid, normalized),
+        "image_strong": _images_out(strong_views, valid, normalized),
         "area": area,
         "mask": diag,
         "id": np.array(ids, dtype=str),
@@ -277,6 +292,7 @@ def decode_weak_batch(
     num_classes: int,
     shuffle: bool = False,
     seed: int | None = None,
+    normalized: bool = True,
 ) -> dict[str, np.ndarray]:
     """Training rows for weakly supervised segmentation: the image-level labels are the target.
 
@@ -294,7 +310,7 @@ def decode_weak_batch(
     labels_column = batch.get("image_labels")
     n, k, (ch, cw) = len(ids), num_classes - 1, crop_hw(crop_size)
     images = np.zeros((n, ch, cw, 3), np.uint8)
-    diag = np.full((n, ch, cw), ignore_index, np.int64)
+    diag = np.full((n, ch, cw), ignore_index, _mask_dtype(normalized))
     area = np.zeros((n, ch, cw), bool)
     labels = np.zeros((n, k), np.float32)
     valid = np.zeros(n, bool)
@@ -313,10 +329,8 @@ def decode_weak_batch(
             continue
         images[j], diag[j], area[j] = crop
         labels[j], valid[j] = vector, True
-    normalized = normalize(images)
-    normalized[~valid] = 0.0
     return {
-        "image": normalized,
+        "image": _images_out(images, valid, normalized),
         "labels": labels,
         "area": area,
         "mask": diag,
@@ -333,6 +347,7 @@ def decode_eval_batch(
     pad_width: int,
     ignore_index: int = 255,
     num_classes: int,
+    normalized: bool = True,
 ) -> dict[str, np.ndarray]:
     """Decode a batch without augmentation, padded bottom/right to pad_height x pad_width.
 
@@ -349,12 +364,15 @@ def decode_eval_batch(
                 log.warning("skipping row %s: %s", row_id, e)
                 pair = None
         out.append((row_id, pair))
-    return _assemble(out, pad_height, pad_width, ignore_index)
+    return _assemble(out, pad_height, pad_width, ignore_index, normalized)
 
 
-def decode_split(root: str, info: DatasetInfo, split: str, rows: int | None = None) -> dict:
+def decode_split(
+    root: str, info: DatasetInfo, split: str, rows: int | None = None, normalized: bool = True
+) -> dict:
     """The first `rows` (None: all) rows of a split, read in the driver and decoded as for
-    evaluation (padded to the split's largest image): `id`, `image`, `mask`, `valid`."""
+    evaluation (padded to the split's largest image): `id`, `image`, `mask`, `valid`
+    (`normalized`: see decode_eval_batch)."""
     table = read_split_table(root, split, ["id", "image", "mask"])
     if rows is not None:
         table = table.slice(0, rows)
@@ -365,6 +383,7 @@ def decode_split(root: str, info: DatasetInfo, split: str, rows: int | None = No
         pad_width=s.max_width,
         ignore_index=info.ignore_index,
         num_classes=info.num_classes,
+        normalized=normalized,
     )
 
 

@@ -4,7 +4,9 @@
     TorchTrainer(..., datasets=datasets, dataset_config=SegDataConfig())
 
 Rows are read as encoded bytes (PNG/JPEG), decoded and augmented in `map_batches` tasks, then
-split across workers. Each epoch is one execution of the pipeline.
+split across workers. Each epoch is one execution of the pipeline. Decoded rows travel as uint8
+(images (B, H, W, 3), masks (B, H, W)); the worker normalises them on its device
+(`components.data.device.model_batch`).
 
 - **Encoded-row cache.** When a split's shards are small next to the object store
   (`data.cache_encoded`, default: auto, under 20% of it), the driver reads the encoded rows once
@@ -36,6 +38,7 @@ import ray.data
 from ray.data import RandomSeedConfig
 from ray.train import DataConfig as RayDataConfig
 
+from components.data.local_val import eval_pad
 from components.data.shards import (
     DatasetError,
     DatasetInfo,
@@ -56,6 +59,9 @@ from components.schema import DataConfig, SemiSupConfig
 READ_COLUMNS = ["id", "image", "mask"]
 # Rows decoded per Ray Data task call; also the window of the in-batch row shuffle.
 DECODE_BATCH_ROWS = 32
+# Large images: fewer rows per decode call and per cached block, so a split's decoding spreads
+# over many short tasks (a 128-row shard of 512x1024 photos was one 12 s task).
+DECODE_BATCH_PIXELS = 32 * 128 * 128
 # Auto-cache encoded rows when they take less than this share of the object store.
 CACHE_SHARE = 0.2
 
@@ -73,14 +79,31 @@ def should_cache(data: DataConfig, split_bytes: int) -> bool:
     return split_bytes < CACHE_SHARE * store
 
 
+def decode_rows(info: DatasetInfo, split: str) -> int:
+    """Rows per decode call (and per cached block) for a split: DECODE_BATCH_ROWS, fewer for
+    large images (at least 2)."""
+    s = info.splits.get(split)
+    pixels = max(1, s.max_height * s.max_width) if s is not None else 1
+    return max(2, min(DECODE_BATCH_ROWS, DECODE_BATCH_PIXELS // pixels))
+
+
 def _encoded_rows(
-    root: str, split: str, seed: int | None, cache: bool, columns: list[str] = READ_COLUMNS
+    root: str,
+    split: str,
+    seed: int | None,
+    cache: bool,
+    columns: list[str] = READ_COLUMNS,
+    block_rows: int = DECODE_BATCH_ROWS,
 ) -> ray.data.Dataset:
     if cache:
-        # Read here, one block per shard, straight into the object store: no read tasks to
-        # schedule (a `read_parquet(...).materialize()` costs a minute of worker start-ups on a
-        # small machine for a few kB of rows).
-        ds = ray.data.from_arrow(read_shard_tables(root, split, columns))
+        # Read here, straight into the object store: no read tasks to schedule (a
+        # `read_parquet(...).materialize()` costs a minute of worker start-ups on a small
+        # machine for a few kB of rows). One block per shard, or per `block_rows` rows when that is
+        # below DECODE_BATCH_ROWS (large images): one decode task each.
+        tables = read_shard_tables(root, split, columns)
+        if block_rows < DECODE_BATCH_ROWS:  # large images: short decode tasks
+            tables = [t.slice(i, block_rows) for t in tables for i in range(0, len(t), block_rows)]
+        ds = ray.data.from_arrow(tables)
         if seed is not None:
             ds = ds.randomize_block_order(
                 seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
@@ -116,14 +139,13 @@ def _augmenting(decoder, data: DataConfig, info: DatasetInfo, **extra):
         ignore_index=info.ignore_index,
         num_classes=info.num_classes,
         shuffle=True,
+        normalized=False,  # uint8 rows; normalised on the worker's device (data/device.py)
         **extra,
     )
 
 
-def _decoded(ds: ray.data.Dataset, decode) -> ray.data.Dataset:
-    return ds.map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy").drop_columns(
-        ["id"]
-    )
+def _decoded(ds: ray.data.Dataset, decode, rows: int = DECODE_BATCH_ROWS) -> ray.data.Dataset:
+    return ds.map_batches(decode, batch_size=rows, batch_format="numpy").drop_columns(["id"])
 
 
 def train_dataset(
@@ -140,11 +162,12 @@ def train_dataset(
     split = split or data.train_split
     cache = should_cache(data, shard_bytes(data.root, split))
     columns = [*READ_COLUMNS, "image_labels"] if weak else READ_COLUMNS
-    ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, columns)
+    rows = decode_rows(info, split)
+    ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, columns, rows)
     if keep_ids is not None:
         ds = ds.map_batches(partial(_select, ids=keep_ids, keep=True), batch_format="numpy")
     decoder = decode_weak_batch if weak else decode_train_batch
-    return _decoded(_repeat(ds, repeat), _augmenting(decoder, data, info))
+    return _decoded(_repeat(ds, repeat), _augmenting(decoder, data, info), rows)
 
 
 def _select(batch: dict[str, np.ndarray], ids: frozenset[str], keep: bool) -> dict:
@@ -163,8 +186,7 @@ def eval_dataset(
     """Decoded rows padded to the split's largest image (padding is ignore in the mask)."""
     if split not in info.splits:
         raise ValueError(f"{root}/dataset.json has no split '{split}' (has {sorted(info.splits)})")
-    s = info.splits[split]
-    pad_h, pad_w = -(-s.max_height // 8) * 8, -(-s.max_width // 8) * 8
+    pad_h, pad_w = eval_pad(info, split)
     if cache is None:
         cache = should_cache(DataConfig(cache_encoded=None), shard_bytes(root, split))
     decode = partial(
@@ -173,11 +195,10 @@ def eval_dataset(
         pad_width=pad_w,
         ignore_index=info.ignore_index,
         num_classes=info.num_classes,
+        normalized=False,
     )
-    ds = _encoded_rows(root, split, None, cache)
-    return ds.map_batches(decode, batch_size=DECODE_BATCH_ROWS, batch_format="numpy").drop_columns(
-        ["id"]
-    )
+    rows = decode_rows(info, split)
+    return _decoded(_encoded_rows(root, split, None, cache, block_rows=rows), decode, rows)
 
 
 def build_datasets(
@@ -298,10 +319,14 @@ def unlabeled_dataset(
     if plan.has_unlabeled_split:
         split = data.unlabeled_split
         cache = should_cache(data, shard_bytes(data.root, split))
-        parts.append(_encoded_rows(data.root, split, data.shuffle_seed + 1, cache))
+        rows = decode_rows(info, split)
+        parts.append(_encoded_rows(data.root, split, data.shuffle_seed + 1, cache, block_rows=rows))
     if plan.labeled_ids is not None:
         cache = should_cache(data, shard_bytes(data.root, data.train_split))
-        rest = _encoded_rows(data.root, data.train_split, data.shuffle_seed + 2, cache)
+        rows = decode_rows(info, data.train_split)
+        rest = _encoded_rows(
+            data.root, data.train_split, data.shuffle_seed + 2, cache, block_rows=rows
+        )
         parts.append(
             rest.map_batches(
                 partial(_select, ids=plan.labeled_ids, keep=False), batch_format="numpy"
@@ -309,7 +334,8 @@ def unlabeled_dataset(
         )
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     decode = _augmenting(decode_unlabeled_batch, data, info, strong=tuple(semisup.strong))
-    return _decoded(_repeat(ds, repeat), decode)
+    splits = [data.unlabeled_split, data.train_split]
+    return _decoded(_repeat(ds, repeat), decode, min(decode_rows(info, s) for s in splits))
 
 
 def build_semisup_datasets(

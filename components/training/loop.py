@@ -23,6 +23,9 @@ import torch.distributed as dist
 from torch import nn
 
 from components.config import Config, from_dict
+from components.data.device import model_batch
+from components.data.local_val import LocalVal
+from components.data.shards import DatasetInfo
 from components.distillation.protocol import MethodBase, unwrap
 from components.inference import EvalMode
 from components.metrics import boundary_iou, miou, pixel_accuracy
@@ -65,6 +68,7 @@ class Worker:
     schedule: Schedule
     progress: dict
     log: RunLog | None = None  # rank 0's record in the run folder
+    local_val: LocalVal | None = None  # this worker's val rows, decoded once (val_in_workers)
 
     @property
     def bars(self) -> bool:
@@ -199,7 +203,7 @@ class Streams:
     def __next__(self) -> dict:
         batch = {}
         for prefix, it in self.iterators.items():
-            batch.update({prefix + k: v for k, v in next(it).items()})
+            batch.update(model_batch({prefix + k: v for k, v in next(it).items()}, prefix))
         return batch
 
     def drain(self) -> None:
@@ -213,14 +217,23 @@ def evaluate(w: Worker, model: nn.Module) -> EvalCounts:
     """The counts of `model` over the whole val split under `eval` (mode, scales, flip,
     boundary band), summed across workers."""
     d, e = w.cfg.data, w.cfg.eval
-    batches = ray.train.get_dataset_shard("val").iter_torch_batches(
-        batch_size=d.val_batch_size,
-        dtypes=_dtypes(LABELED),
-        device=w.device,
-        prefetch_batches=d.prefetch_batches,
-    )
-    if w.bars:  # each worker's share of an uneven split is known only for one worker
-        total = w.config.get("val_rows") if w.world == 1 else None
+    total = w.config.get("val_rows") if w.world == 1 else None  # a share of an uneven split
+    local = w.config.get("val_in_workers")
+    if local is not None:  # decoded once, kept in this worker's memory
+        if w.local_val is None:
+            info = DatasetInfo.from_json(local["info"])
+            w.local_val = LocalVal(local["root"], info, d.val_split, w.rank, w.world)
+        batches = w.local_val.batches(d.val_batch_size, w.device)
+        total = len(w.local_val)
+    else:
+        batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+            batch_size=d.val_batch_size,
+            dtypes=_dtypes(LABELED),
+            device=w.device,
+            prefetch_batches=d.prefetch_batches,
+        )
+    batches = map(model_batch, batches)
+    if w.bars:
         batches = iterate(batches, Bar("val", total, unit="img"), lambda b: len(b["mask"]))
     num_classes, ignore_index = w.config["num_classes"], w.config["ignore_index"]
     mode = EvalMode.from_config(e)
@@ -307,6 +320,7 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
         **terms,
         "images_per_s": totals["steps"] * w.cfg.data.batch_size / max(1e-9, train_s),
         "data_wait_share": totals["wait_s"] / max(1e-9, totals["train_s"]),
+        **_step_times(stats.step_s),
         "train_s": train_s,
         "eval_s": eval_s,
         "bad_rows": totals["bad_rows"],
@@ -325,6 +339,18 @@ def _epoch_metrics(w: Worker, stats: EpochStats, totals: dict, epoch: int) -> tu
             _panels(w) if show else None,
         )
     return metrics, terms
+
+
+def _step_times(step_s: list[float]) -> dict[str, float]:
+    """This worker's step times (waits excluded), ms: median, mean, 99th percentile."""
+    if not step_s:
+        return {}
+    ms = np.asarray(step_s) * 1000
+    return {
+        "step_ms_median": float(np.median(ms)),
+        "step_ms_mean": float(ms.mean()),
+        "step_ms_p99": float(np.percentile(ms, 99)),
+    }
 
 
 def _panels(w: Worker) -> dict[str, np.ndarray]:
@@ -431,9 +457,13 @@ def _train(w: Worker) -> None:
             w.method.trainable, device_ids=[w.device.index] if on_gpu else None
         )
     if w.teacher is not None and "teacher_miou" not in w.progress:
-        # Once per run, on the workers (the driver may be a CPU-only head node).
-        w.progress["teacher_miou"] = miou(evaluate(w, w.teacher).confusion)[0]
-        w.print0(f"teacher val mIoU {100 * w.progress['teacher_miou']:.2f}")
+        known = config.get("teacher_miou")  # a teacher this job trained: its last evaluation
+        if known is not None:
+            w.progress["teacher_miou"] = known
+            w.print0(f"teacher val mIoU {100 * known:.2f} (its own run's last evaluation)")
+        else:  # once per run, on the workers (the driver may be a CPU-only head node)
+            w.progress["teacher_miou"] = miou(evaluate(w, w.teacher).confusion)[0]
+            w.print0(f"teacher val mIoU {100 * w.progress['teacher_miou']:.2f}")
     t = w.cfg.trainer
     for epoch in range(w.progress["epoch"], t.epochs):
         streams = Streams.of(w)

@@ -33,6 +33,7 @@ from components.config import (
     validate_against_dataset,
 )
 from components.data.ingest import SegDataConfig
+from components.data.local_val import local_root, val_in_workers
 from components.data.shards import DatasetInfo, list_shards, resolve_fs, write_atomic
 from components.data.synthetic import ensure_synthetic
 from components.models.build import build_model
@@ -65,6 +66,9 @@ class Teacher:
     model: ModelConfig
     state: dict
     source: str
+    # Its val mIoU when known to be on the student's val split under the same `eval` (a teacher
+    # this job trained: its run's last evaluation); None: the student run evaluates it once.
+    val_miou: float | None = None
 
 
 @dataclass
@@ -140,6 +144,7 @@ NOT_IN_NAME = (
     "trainer.eval_every",
     "trainer.sync_bn",
     "trainer.autoscale_wait_s",
+    "data.val_in_workers",
     "model.pretrained_partial",
     "teacher.model.pretrained_partial",
 )
@@ -154,6 +159,16 @@ NAMED_WHEN_SET: dict[str, object] = {
     "teacher.model.variant": "torchvision",
     "teacher.model.head_channels": None,
     "teacher.model.aux_channels": None,
+}
+
+
+# Keys added after runs were named that change what only one regime trains: (the regime's run
+# prefix, the value that reproduces the behaviour from before the key existed). In that
+# regime's names when set to anything else (the new defaults do: those runs train differently
+# now, so they get new names); left out of every other regime's names.
+REGIME_ONLY: dict[str, tuple[str, object]] = {
+    "method.weakly.freeze_backbone_norms": ("wsss", False),
+    "method.weakly.propagate_after": ("wsss", None),
 }
 
 
@@ -196,6 +211,9 @@ def run_name(cfg: Config, prefix: str | None = None) -> str:
     tree = to_dict(key)
     for dotted in NOT_IN_NAME:
         _drop(tree, dotted)
+    for dotted, (regime_prefix, before) in REGIME_ONLY.items():
+        if regime_of(cfg.method.name).run_prefix != regime_prefix or _get(tree, dotted) == before:
+            _drop(tree, dotted)
     for dotted, default in NAMED_WHEN_SET.items():
         if _get(tree, dotted) == default:
             _drop(tree, dotted)
@@ -294,7 +312,24 @@ def obtain_teacher(cfg: Config, info: DatasetInfo, log=print) -> Teacher | None:
     source = join(storage, name) if is_uri(storage) else outcome.checkpoint_dir
     if outcome.reused:
         log(f"teacher: reusing {source}")
-    return load_teacher(source, cfg.teacher.model, info.num_classes)
+    teacher = load_teacher(source, cfg.teacher.model, info.num_classes)
+    teacher.val_miou = _same_evaluation_miou(cfg, outcome)
+    return teacher
+
+
+def _same_evaluation_miou(cfg: Config, outcome: Outcome) -> float | None:
+    """The teacher run's last val mIoU when it was measured as the student run will measure
+    it (the same val split and root, the same `eval`: `eval` is not in run names, so a cached
+    teacher may have been evaluated under another mode), else None."""
+    val = outcome.metrics.get("miou")
+    if not isinstance(val, (int, float)) or val < 0 or outcome.checkpoint_dir is None:
+        return None
+    saved = read_meta(outcome.checkpoint_dir).get("config", {})
+    here = to_dict(cfg)
+    same = saved.get("eval") == here["eval"] and all(
+        saved.get("data", {}).get(k) == here["data"][k] for k in ("root", "val_split")
+    )
+    return float(val) if same else None
 
 
 def _request(cfg: Config) -> Request:
@@ -354,6 +389,10 @@ def build_trainer(
     request = _request(cfg)
     quiet_ray_data(not cfg.trainer.verbose)  # before the datasets copy the context
     datasets, steps = regime_of(cfg.method.name).build_datasets(cfg, info, request.num_workers)
+    val_local = None
+    if val_in_workers(cfg.data, info, request.num_workers):  # no Ray Data pipeline for val
+        datasets.pop("val", None)
+        val_local = {"root": local_root(cfg.data.root), "info": info.to_json()}
     loop_config = {
         "cfg": to_dict(cfg),
         "num_classes": info.num_classes,
@@ -365,11 +404,13 @@ def build_trainer(
         "palette": info.palette,
         "progress_bars": wants_bars(cfg.trainer.progress),
         "val_rows": info.splits[cfg.data.val_split].rows,
+        "val_in_workers": val_local,
         "panel_rows": ray.put(panel_rows(cfg, info)) if cfg.trainer.image_every else None,
     }
     if teacher is not None:
         loop_config["teacher_state"] = ray.put(teacher.state)
         loop_config["teacher_model"] = dataclasses.asdict(teacher.model)
+        loop_config["teacher_miou"] = teacher.val_miou
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

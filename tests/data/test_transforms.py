@@ -311,3 +311,45 @@ def test_a_crop_of_a_large_image_reads_only_its_window():
     noisy_mask[:50], noisy_mask[150:] = 3, 1
     again = augment.resample_window(noisy, noisy_mask, (560, 840), (100, 200), (64, 64))
     assert np.array_equal(got[0], again[0]) and np.array_equal(got[1], again[1])
+
+
+@pytest.mark.parametrize("name", ["train", "unlabeled", "weak", "eval"])
+def test_uint8_transfer_form_normalises_on_the_device_to_the_same_numbers(name):
+    """Rows travel as uint8 (`normalized=False`); data/device.model_batch makes exactly the
+    float32 images (invalid rows 0) and int64 masks the `normalized=True` decoders give."""
+    import torch
+
+    from components.data.device import model_batch
+
+    image, mask = _coded_pair()
+    good = {"image": encode_png(image), "mask": encode_png(mask)}
+    batch = {
+        "id": np.array(["a", "b", "c"]),
+        "image": np.array([good["image"], b"not a png", good["image"]], dtype=object),
+        "mask": np.array([good["mask"], good["mask"], good["mask"]], dtype=object),
+        "image_labels": np.array([[0, 1], [2], [3]], dtype=object),
+    }
+    common = {"num_classes": K}
+    if name == "eval":
+        decoder, kw = decode_eval_batch, {"pad_height": 48, "pad_width": 48}
+    else:
+        decoder = {"train": decode_train_batch, "unlabeled": decode_unlabeled_batch,
+                   "weak": decode_weak_batch}[name]  # fmt: skip
+        kw = {"crop_size": 24, "scale_range": (0.7, 1.4), "flip": True, "seed": 5}
+        if name == "unlabeled":
+            kw["strong"] = ("colour_jitter", "blur")
+    ref = decoder(batch, **kw, **common)
+    raw = decoder(batch, **kw, **common, normalized=False)
+    assert raw["image"].dtype == np.uint8 and raw["image"].shape[-1] == 3
+    assert raw["mask"].dtype == np.uint8
+    assert raw["image"].nbytes * 4 == ref["image"].nbytes
+    got = model_batch({k: torch.as_tensor(v) for k, v in raw.items() if k != "id"})
+    for key in ("image", "image_strong", "mask"):
+        if key in ref:
+            assert got[key].dtype == torch.as_tensor(ref[key]).dtype, key
+            assert torch.equal(got[key], torch.as_tensor(ref[key])), key
+    assert not bool(got["valid"][1]) and bool((got["image"][1] == 0).all())
+    # a second stream's keys under its prefix; float images pass through
+    prefixed = model_batch({f"u_{k}": torch.as_tensor(v) for k, v in raw.items() if k != "id"}, "u_")
+    assert torch.equal(prefixed["u_image"], got["image"])
+    assert model_batch({"image": got["image"]})["image"] is got["image"]

@@ -48,3 +48,36 @@ def test_other_start_errors_are_raised_at_once(monkeypatch):
     with pytest.raises(RuntimeError, match="address already in use"):
         _common.start_local_ray(attempts=3)
     assert calls == [1]
+
+
+def test_a_private_instance_runs_its_workers_at_nice_zero(monkeypatch, ray_session):
+    """init_ray starts a private instance with LOCAL_RUNTIME_ENV (the test session's instance is
+    started the same way): its tasks and actors run at nice 0, like a plain PyTorch program and
+    its DataLoader workers, not at Ray's default 15 (benchmarks/loop_overhead.py)."""
+    import os
+
+    import ray
+
+    captured = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(_common, "recorded_cluster", lambda: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(_common, "start_local_ray", lambda **kw: captured.update(kw))
+    _common.init_ray()
+    assert captured["runtime_env"] == _common.LOCAL_RUNTIME_ENV
+    monkeypatch.undo()
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def niceness(self) -> int:
+            return os.nice(0)
+
+    driver = os.nice(0)  # 0 unless the tests themselves run under `nice`
+    assert ray.get(niceness.remote()) == driver  # Ray's default would add 15
+    probe = Probe.remote()
+    assert ray.get(probe.niceness.remote()) == driver
+    ray.kill(probe)

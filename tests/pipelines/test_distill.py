@@ -41,6 +41,11 @@ def test_two_workers_sstkd_then_evaluate_agrees(
     m = meta["metrics"]
     assert m["world_size"] == 2
     assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["teacher_miou"] <= 1.0
+    # The student run took the teacher's mIoU from the teacher run's last evaluation (same data,
+    # same `eval`) instead of evaluating the teacher again.
+    teacher_meta = read_meta(resolve_checkpoint(teacher_run))
+    assert m["teacher_miou"] == teacher_meta["metrics"]["miou"]
+    assert "(its own run's last evaluation)" in (student_run / "console.log").read_text()
     for term in ("loss", "ce", "aux", "pixel_kd", "adversarial", "structural", "statistical"):
         assert term in m, term
     assert "critic" in m

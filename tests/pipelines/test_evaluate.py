@@ -13,6 +13,7 @@ import torch
 
 from components.config import ModelConfig
 from components.data.decode import decode_split
+from components.data.device import model_batch
 from components.data.shards import DatasetInfo
 from components.inference import EvalMode
 from components.metrics import boundary_iou, miou
@@ -26,7 +27,7 @@ class _DecodedSplit:
     """Stands in for the Ray dataset: the split decoded by `decode_split`, in batches."""
 
     def __init__(self, root: str, info: DatasetInfo, split: str) -> None:
-        self.columns = decode_split(root, info, split)
+        self.columns = decode_split(root, info, split, normalized=False)  # as eval_dataset
 
     def iter_torch_batches(self, batch_size: int, dtypes: dict):
         n = len(self.columns["valid"])
@@ -72,8 +73,9 @@ def test_slide_multiscale_flip_boundary_and_png(checkpoint, tiny_data, tmp_path,
     info = DatasetInfo.load(tiny_data)
     mode = EvalMode("slide", (16, 16), (8, 12), (0.75, 1.0), True)
     batches = _DecodedSplit(tiny_data, info, "val").iter_torch_batches(
-        5, {"image": torch.float32, "mask": torch.int64, "valid": torch.bool}
+        5, {"image": torch.uint8, "mask": torch.uint8, "valid": torch.bool}
     )
+    batches = map(model_batch, batches)
     counts = evaluate_counts(model, batches, 4, info.ignore_index, mode=mode, boundary_width=2)
     shown = re.search(r"mIoU\s+([0-9.]+)\s+([0-9.]+)", out)
     assert float(shown.group(1)) == pytest.approx(100 * miou(counts.confusion)[0], abs=0.005)
