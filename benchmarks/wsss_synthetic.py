@@ -5,8 +5,8 @@
         method.weakly.warmup_iters=30                                   # a quick look
 
 Variants (all `method.name=tscd`, the embedded default's network and data, configs/
-tscd_synthetic.yaml): `afa` (no SCD, appearance-only refinement), `afa+varm` (VARM instead),
-`afa+scd` (SCD, plain refinement), `tscd` (SCD + VARM). Every run has the same number of steps on
+tscd_synthetic.yaml): `afa` (no SCD, AFA's PAR refinement), `afa+varm` (VARM instead),
+`afa+scd` (SCD, AFA's PAR refinement), `tscd` (SCD + VARM). Every run has the same number of steps on
 the same image-level labels; pseudo-label and CAM mIoU are scored on (up to --diagnose-rows of)
 the train images against their masks, segmentation mIoU on val. The variants differ only after
 the classification-only warm-up, so each seed runs the warm-up once and every variant continues
@@ -52,9 +52,9 @@ from components.training.schedule import Schedule, build_optimizer
 from components.weakly.diagnostics import diagnose, iter_rows
 
 VARIANTS = {
-    "afa": ["method.weakly.weights.scd=0", "method.weakly.refine=plain"],
+    "afa": ["method.weakly.weights.scd=0", "method.weakly.refine=par"],
     "afa+varm": ["method.weakly.weights.scd=0", "method.weakly.refine=varm"],
-    "afa+scd": ["method.weakly.refine=plain"],
+    "afa+scd": ["method.weakly.refine=par"],
     "tscd": [],
 }
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tscd_synthetic.yaml")

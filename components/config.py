@@ -336,11 +336,7 @@ def _check_finite(node: Any, prefix: str) -> None:
 
 def _validate_weakly(cfg: Config) -> None:
     w = cfg.method.weakly
-    _check(
-        len(w.cam_scales) >= 1 and w.cam_scales[0] == 1.0,
-        "method.weakly.cam_scales",
-        f"the first scale must be 1.0 (it sets the CAM size), got {w.cam_scales}",
-    )
+    _check(len(w.cam_scales) >= 1, "method.weakly.cam_scales", "need at least one scale")
     _check(all(s > 0 for s in w.cam_scales), "method.weakly.cam_scales", "scales must be > 0")
     _check(
         0 < w.low_threshold <= w.high_threshold < 1,
@@ -361,6 +357,11 @@ def _validate_weakly(cfg: Config) -> None:
     _check(0 < w.scd_scale < 1, "method.weakly.scd_scale", "must be in (0, 1)")
     _check(w.scd_points >= 1, "method.weakly.scd_points", "must be >= 1")
     _check(w.warmup_iters >= 0, "method.weakly.warmup_iters", "must be >= 0")
+    _check(
+        w.propagate_after is None or w.propagate_after >= 0,
+        "method.weakly.propagate_after",
+        "must be >= 0 (or null: never propagate)",
+    )
 
 
 def validate_against_dataset(cfg: Config, num_classes: int, source: str) -> None:

@@ -3,7 +3,7 @@
     python pipelines/wsss.py                                       # embedded default (synthetic)
     python pipelines/wsss.py --config configs/tscd_voc_mitb1.yaml
     python pipelines/wsss.py --config configs/tscd_synthetic.yaml method.weakly.weights.scd=0 \\
-        method.weakly.refine=plain                                 # the AFA baseline
+        method.weakly.refine=par                                   # the AFA baseline
     ray job submit --working-dir . -- python pipelines/wsss.py --config configs/tscd_voc_mitb1.yaml
 
 The training rows stream from the shards' `image_labels` (Ray Data) into Ray Train workers; the

@@ -79,8 +79,11 @@ class SegFormerModel(nn.Module):
     "high": stage-4 map (B, C4, h, w), "embed": the fused decoder map}} and, with `cls_head`:
     - "cls_logits" (B, K-1): the classifier (1x1 conv C4 -> K-1, no bias) on the globally
       max-pooled stage-4 map (AFA's order: pool, then classify), one logit per foreground class;
-    - "attn_pred" (B, N, N), training mode only, N = h*w: the affinity predicted from the
-      attention maps of the last two stage-4 blocks (symmetrised, 1x1 conv, sigmoid).
+    - "attn_pred" (B, N, N), training mode only, N = h*w: the affinity predicted from the raw
+      attention logits q·kᵀ (unscaled, before softmax) of the last two stage-4 blocks
+      (symmetrised, 1x1 conv, sigmoid), as AFA (rulixiang/afa wetr/model_attn_aff.py,
+      WeTr.forward: `torch.cat(_attns[-2:], dim=1)`, `attn_cat + attn_cat.permute(0, 1, 3, 2)`,
+      `attn_proj`, sigmoid; TSCD's TSCD_model.py leaves out the symmetrisation).
     `cam(images)` gives the raw class activation maps (B, K-1, h, w) of the same classifier.
     """
 
@@ -110,6 +113,9 @@ class SegFormerModel(nn.Module):
             self.classifier = nn.Conv2d(c4, num_classes - 1, 1, bias=False)
             attn_channels = backbone.num_heads[3] * min(2, backbone.depths[3])
             self.attn_proj = nn.Conv2d(attn_channels, 1, 1)
+            # AFA's init (wetr/model_attn_aff.py, WeTr.__init__): kaiming normal, a = sqrt(5),
+            # fan_out (= 1): weight std sqrt(2 / (1 + 5)) = 0.577; the bias keeps PyTorch's.
+            nn.init.kaiming_normal_(self.attn_proj.weight, a=5**0.5, mode="fan_out")
 
     def forward(self, images: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
         want_attention = self.classifier is not None and self.training
@@ -123,12 +129,16 @@ class SegFormerModel(nn.Module):
             pooled = F.adaptive_max_pool2d(feats[3], 1)
             out["cls_logits"] = self.classifier(pooled).flatten(1)
             if want_attention:
-                attn = torch.cat(attns[-2:], dim=1).float()
-                attn = attn + attn.transpose(-1, -2)
-                # fp32 under autocast: bf16 would quantise affinities near 0 and 1.
-                with torch.autocast(attn.device.type, enabled=False):
-                    out["attn_pred"] = torch.sigmoid(self.attn_proj(attn))[:, 0]
+                out["attn_pred"] = self._affinity(attns)
         return out
+
+    def _affinity(self, attns: list[Tensor]) -> Tensor:
+        """(B, N, N) in (0, 1) from the stage-4 attention logits (AFA WeTr.forward)."""
+        attn = torch.cat(attns[-2:], dim=1).float()
+        attn = attn + attn.transpose(-1, -2)
+        # fp32 under autocast: bf16 would quantise affinities near 0 and 1.
+        with torch.autocast(attn.device.type, enabled=False):
+            return torch.sigmoid(self.attn_proj(attn))[:, 0]
 
     def cam(self, images: Tensor) -> Tensor:
         """Raw class activation maps (B, K-1, h, w): the classifier on the stage-4 map."""
@@ -136,6 +146,15 @@ class SegFormerModel(nn.Module):
             raise ValueError("this model has no image-level classifier (model.cls_head=false)")
         feats, _ = self.backbone(images, need_weights=False)
         return F.conv2d(feats[3], self.classifier.weight)
+
+    def affinity(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """The predicted affinity (B, N, N) of `images` in any mode (the `attn_pred` of the
+        training forward), with the stage-4 size (h, w), N = h*w: AFA's `cam_only` forward
+        returns it for label propagation (utils/camutils.py multi_scale_cam_with_aff_mat)."""
+        if self.attn_proj is None:
+            raise ValueError("this model has no affinity head (model.cls_head=false)")
+        feats, attns = self.backbone(images, need_weights=True)
+        return self._affinity(attns), (feats[3].shape[-2], feats[3].shape[-1])
 
 
 def _scaled(channels: int, width: float, minimum: int) -> int:
@@ -156,6 +175,10 @@ def build_backbone(
             return ResNet(Bottleneck, (3, 4, 6, 3), width, output_stride, variant)
         case "resnet101":
             return ResNet(Bottleneck, (3, 4, 23, 3), width, output_stride, variant)
+        case "mobilenetv2":  # CIRKD's dilated trunk in torchvision's layout, either variant
+            from components.models.mobilenet import MobileNetV2
+
+            return MobileNetV2(width, output_stride)
         case _:
             raise ValueError(f"backbone: unknown '{name}', expected one of {BACKBONES}")
 
@@ -165,12 +188,13 @@ def head_channels(cfg: ModelConfig, backbone: ResNet) -> int:
 
     torchvision: 256 (DeepLabV3) / 512 (PSPNet), scaled by width. cirkd: CIRKD's released code
     (winycg/CIRKD commit 7e0d21f, models/deeplabv3.py lines 77-80 and 133-136: ASPP 128 on a
-    512-channel layer4, 256 on 2048; models/pspnet.py lines 110-113: bottleneck 128 / 512),
-    scaled by width. The width-1 layer4 channels tell the ResNet-18/34 from the 50/101 case."""
+    512-channel layer4, 256 on 2048; models/pspnet.py lines 110-113: bottleneck 128 / 512;
+    MobileNetV2: 128, deeplabv3_mobile.py `_ASPP`, psp_mobile.py `_PSPHead`), scaled by width.
+    The width-1 layer4 channels tell the ResNet-18/34 from the 50/101 case."""
     if cfg.head_channels is not None:
         return cfg.head_channels
     if cfg.variant == "cirkd":
-        basic = backbone.layer4[0].expansion == 1
+        basic = not isinstance(backbone, ResNet) or backbone.layer4[0].expansion == 1
         base = 128 if basic else (256 if cfg.head == "deeplabv3" else 512)
     else:
         base = 256 if cfg.head == "deeplabv3" else 512

@@ -6,6 +6,7 @@ the state_dict layout of the official NVlabs release.
     feats, attns = encoder(images)      # images (B, 3, H, W)
     feats[i]                            # (B, out_channels[i], H_i, W_i), i = 0..3
     attns[j]                            # (B, num_heads[3], N, N), N = H_3 * W_3, block j of stage 4
+                                        # raw attention logits q·kᵀ (no 1/sqrt(d), no softmax)
 
 Each stage is an overlapping patch embedding (a strided conv then LayerNorm), `depths[i]`
 pre-norm transformer blocks and a LayerNorm. Stage 1 embeds with a 7x7 conv (padding 3), stages
@@ -15,9 +16,15 @@ and values come from the tokens reduced by a conv of kernel = stride = sr_ratios
 LayerNorm), followed by a Mix-FFN: fc1, depthwise 3x3 conv, GELU, fc2. Inputs must be large
 enough for every reduction conv: at least 32 px with the default ratios (8, 4, 2, 1).
 
-`attns` are the softmax attention probabilities of the last stage's blocks (token to token, as
-its sr ratio is 1), for methods that build affinities from them (AFA, TSCD); they stay in the
-autograd graph. Stages 1-3 use F.scaled_dot_product_attention and never form their maps.
+`attns` are the raw attention logits q·kᵀ of the last stage's blocks (token to token, as its sr
+ratio is 1): before the 1/sqrt(head_dim) scale and before the softmax, as AFA's mix_transformer
+returns them (rulixiang/afa wetr/mix_transformer.py, Attention.forward: `attn_ = (q @
+k.transpose(-2, -1))` is returned, the scaled softmax only weights the values) and TSCD's
+network feeds them (Rongtao-Xu/RepresentationLearning SCD-AAAI2023/network/TSCD_model.py,
+`torch.cat(_attns[-2:], dim=1)`). The probabilities the block uses are
+softmax(attns[j] * head_dim ** -0.5, dim=-1). They are for methods that build affinities from
+attention (AFA, TSCD) and stay in the autograd graph. Stages 1-3 use
+F.scaled_dot_product_attention and never form their maps (AFA's `_attns[-2:]` only reads stage 4).
 
 State-dict names are the release's (`patch_embed1.proj.weight`, `block1.0.attn.sr.weight`,
 `block4.1.mlp.dwconv.dwconv.weight`, `norm4.bias`, ...), so `mit_b*.pth` files and the encoder of
@@ -136,8 +143,9 @@ class Attention(nn.Module):
         self, x: Tensor, h: int, w: int, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """x: (B, N, C) tokens of an h x w map (N = h*w). Returns (B, N, C) and, when
-        need_weights, the attention probabilities (B, heads, N, M) with M = N / sr_ratio**2
-        (rounded down per side), else None."""
+        need_weights, the raw attention logits q·kᵀ (B, heads, N, M), unscaled and before the
+        softmax (AFA's `attn_`), with M = N / sr_ratio**2 (rounded down per side), else None.
+        The attention probabilities are softmax(logits * self.scale, dim=-1)."""
         b, n, c = x.shape
         heads = self.num_heads
         q = self.q(x).reshape(b, n, heads, c // heads).transpose(1, 2)
@@ -152,8 +160,8 @@ class Attention(nn.Module):
             x = self.norm(self.sr(grid).flatten(2).transpose(1, 2))
         k, v = self.kv(x).reshape(b, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
         if need_weights:
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
-            out = attn @ v
+            attn = q @ k.transpose(-2, -1)  # the logits, returned as they are (AFA)
+            out = (attn * self.scale).softmax(dim=-1) @ v
         else:
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -205,7 +213,7 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, h: int, w: int, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """x: (B, h*w, C) -> (B, h*w, C), attention probabilities or None (see Attention)."""
+        """x: (B, h*w, C) -> (B, h*w, C), raw attention logits or None (see Attention)."""
         y, attn = self.attn(self.norm1(x), h, w, need_weights)
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x), h, w))
@@ -276,7 +284,8 @@ class MixVisionTransformer(nn.Module):
 
     def forward(self, x: Tensor, need_weights: bool = True) -> tuple[list[Tensor], list[Tensor]]:
         """x: (B, in_chans, H, W) -> ([four (B, out_channels[i], H_i, W_i) maps], [per block of
-        stage 4, its attention probabilities (B, num_heads[3], N, N), N = H_4 * W_4]). With
+        stage 4, its raw attention logits q·kᵀ (B, num_heads[3], N, N), N = H_4 * W_4, unscaled
+        and before the softmax, as AFA's encoder returns them]). With
         `need_weights=False` the list is empty and stage 4 uses the fused attention kernel too:
         the N x N maps cost O(heads * N^2) memory, too much for large eval images."""
         b = x.shape[0]

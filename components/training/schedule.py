@@ -48,6 +48,19 @@ class Schedule:
             group["lr"] = base * f
 
 
+def _is_backbone(name: str) -> bool:
+    return "backbone" in name.split(".")
+
+
+def is_backbone_norm(name: str) -> bool:
+    """A backbone parameter whose name contains "norm": AFA's and TSCD's rule for the encoder's
+    LayerNorms (rulixiang/afa wetr/model_attn_aff.py, WeTr.get_param_groups: `if "norm" in
+    name` over `self.encoder.named_parameters()`), e.g. `backbone.patch_embed1.norm.weight`,
+    `backbone.block1.0.norm1.bias`, `backbone.block1.0.attn.norm.weight`, `backbone.norm4.bias`.
+    """
+    return _is_backbone(name) and "norm" in name
+
+
 def build_optimizer(module: torch.nn.Module, optim) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW on `module`'s trainable parameters, from an `OptimConfig`.
 
@@ -55,17 +68,31 @@ def build_optimizer(module: torch.nn.Module, optim) -> torch.optim.Optimizer:
     `backbone` component, e.g. `backbone.block1.0.attn.q.weight` or, inside a wrapper,
     `net.backbone....`) at `lr`, everything else (heads, classifier, adapters) at
     `lr * head_lr_mult`, as in TSCD/AFA (6e-5 / 6e-4). The schedule scales both alike.
+
+    When the module (or the module a DDP wrapper holds) has `zero_lr_backbone_norms = True`
+    (the weakly supervised methods set it from `method.weakly.freeze_backbone_norms`), the
+    backbone's norm parameters (`is_backbone_norm`) form one more group, last, at lr 0 and
+    weight decay 0: AFA and TSCD freeze the encoder's LayerNorms this way (rulixiang/afa
+    scripts/dist_train_voc.py, train(): the param_groups[1] entry `"lr": 0.0, ## freeze norm
+    layers` with `"weight_decay": 0.0`). lr 0 times any schedule factor stays 0.
     """
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    owner = getattr(module, "module", module)  # DDP keeps the wrapped module here
+    frozen: list[torch.nn.Parameter] = []
+    if getattr(owner, "zero_lr_backbone_norms", False):
+        frozen = [p for n, p in params if is_backbone_norm(n)]
+        params = [(n, p) for n, p in params if not is_backbone_norm(n)]
     if optim.head_lr_mult == 1.0:
         groups: list[dict] = [{"params": [p for _, p in params], "lr": optim.lr}]
     else:
-        backbone = [p for n, p in params if "backbone" in n.split(".")]
-        heads = [p for n, p in params if "backbone" not in n.split(".")]
+        backbone = [p for n, p in params if _is_backbone(n)]
+        heads = [p for n, p in params if not _is_backbone(n)]
         groups = [
             {"params": backbone, "lr": optim.lr},
             {"params": heads, "lr": optim.lr * optim.head_lr_mult},
         ]
+    if frozen:
+        groups.append({"params": frozen, "lr": 0.0, "weight_decay": 0.0})
     for group in groups:
         group["initial_lr"] = group["lr"]  # the base of the schedule; saved with the optimizer
     match optim.name:

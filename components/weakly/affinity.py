@@ -3,7 +3,8 @@
 AFA turns the transformer's multi-head self-attention into a semantic affinity A (B, N, N)
 between the N = h·w feature positions (an MLP over heads, symmetrised, sigmoid) and supervises it
 with pairwise labels derived from the pseudo labels: same class -> 1, different classes -> 0,
-uncertain pixel or too far apart -> ignored. The learned affinity later propagates the CAMs.
+uncertain pixel or too far apart -> ignored. The learned affinity later propagates the CAMs
+(`propagate_with_background`, AFA's random walk; `method.weakly.propagate_after`).
 
 Usage:
 
@@ -101,4 +102,47 @@ def affinity_loss(pred: Tensor, labels: Tensor, seeds: Tensor | None = None) -> 
     )
 
 
-__all__ = ["affinity_labels", "affinity_loss", "downsample_labels", "radius_mask"]
+def propagate_with_background(
+    cams: Tensor,
+    aff: Tensor,
+    labels: Tensor,
+    background: float,
+    radius: int = 8,
+    power: int = 2,
+    eps: float = 0.1,
+) -> Tensor:
+    """AFA's random-walk propagation of CAMs by the learned affinity (propagte_aff_cam_with_bkg).
+
+    cams (B, K−1, h, w) in [0, 1] at the affinity's feature size; aff (B, N, N), N = h·w, the
+    predicted affinity in (0, 1); labels (B, K−1) multi-hot. Returns (B, K, h, w): channel 0 the
+    background, then the classes; absent classes are exactly 0.
+
+    Steps (rulixiang/afa utils/camutils.py, propagte_aff_cam_with_bkg, with n_pow = 2 and
+    n_log_iter = 0): pairs outside the radius box |Δy| <= radius and |Δx| <= radius (AFA's
+    get_mask_by_radius in scripts/dist_train_voc.py, an inclusive box) are set to 0; T = aff^power
+    elementwise, each column divided by its sum + eps (eps 0.1, "avoid nan"); the scores
+    [background, present classes] are softmaxed over the channels at each position; the
+    propagated score of position m is Σ_n score_n · T[n, m]. No gradient.
+    """
+    b, c, h, w = cams.shape
+    n = h * w
+    if aff.shape != (b, n, n):
+        raise ValueError(f"affinity {tuple(aff.shape)} does not match cams {tuple(cams.shape)}")
+    with torch.no_grad():
+        near = radius_mask(h, w, radius + 1, device=aff.device)  # |Δ| <= radius
+        t = aff.detach().float().masked_fill(~near[None], 0.0) ** power
+        t = t / (t.sum(dim=1, keepdim=True) + eps)
+        scores = torch.cat([cams.new_full((b, 1, h, w), background), cams.float()], dim=1)
+        present = torch.cat([labels.new_ones(b, 1), labels], dim=1) > 0
+        scores = scores.masked_fill(~present[..., None, None], float("-inf")).softmax(dim=1)
+        out = torch.bmm(scores.reshape(b, c + 1, n), t)
+    return out.reshape(b, c + 1, h, w)
+
+
+__all__ = [
+    "affinity_labels",
+    "affinity_loss",
+    "downsample_labels",
+    "propagate_with_background",
+    "radius_mask",
+]

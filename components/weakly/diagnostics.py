@@ -32,7 +32,7 @@ from components.metrics import confusion_matrix, miou
 from components.schema import WeaklyConfig
 from components.weakly.cam import multiscale_cam
 from components.weakly.pseudo_labels import pseudo_labels
-from components.weakly.tscd import refine_function, to_unit_range
+from components.weakly.tscd import refine_function, softmax_before_refine, to_unit_range
 
 
 def iter_rows(
@@ -107,6 +107,7 @@ def diagnose(
             low=weakly.low_threshold,
             refine_fn=refine_fn,
             ignore_index=ignore_index,
+            softmax_scores=softmax_before_refine(weakly),
         )
         scored = truth.masked_fill(plabel == ignore_index, ignore_index)
         pseudo_conf += confusion_matrix(

@@ -28,7 +28,11 @@ Reconstructed (our choices):
     * Absent classes are kept in the tensor with score 0 and masked to −inf before the argmax,
       so they can never win whatever refine_fn returns (AFA refines only the present channels
       per image, which is equivalent for a linear refinement and needs a per-image loop).
-    * The scores are refined as they are; AFA's code softmaxes the kept channels first.
+    * With `softmax_scores` (set for AFA's PAR, `refine: par`) the kept channels — background
+      and the image's classes — are softmaxed before the refinement, as AFA's
+      refine_cams_with_bkg_v2 does (rulixiang/afa utils/camutils.py: `_cams_with_bkg_h[idx,
+      valid_key, ...].unsqueeze(0).softmax(dim=1)` before `ref_mod`); without it (VARM, plain)
+      the scores are refined as they are.
     * Ties go to the lower class id (torch.argmax), so a CAM exactly at the threshold is
       background.
 """
@@ -61,15 +65,32 @@ def _label_map(
     threshold: float,
     image_half: Tensor | None,
     refine_fn: RefineFn | None,
+    softmax_scores: bool = False,
 ) -> Tensor:
     """argmax over [background = threshold, CAMs] -> (B, H, W) class ids (AFA's cam_to_label)."""
     b, _, h, w = cams.shape
     scores = torch.cat([cams.new_full((b, 1, h, w), threshold), cams], dim=1)  # (B, K, H, W)
+    return _refined_argmax(scores, present, image_half, refine_fn, softmax_scores)
+
+
+def _refined_argmax(
+    scores: Tensor,
+    present: Tensor,
+    image_half: Tensor | None,
+    refine_fn: RefineFn | None,
+    softmax_scores: bool = False,
+    align_corners: bool = False,
+) -> Tensor:
+    """scores (B, K, H, W) -> (B, H, W): optionally refined at the half size (the downsampling
+    with `align_corners`), absent classes out of the running, argmax."""
+    h, w = scores.shape[-2:]
     if refine_fn is not None:
         assert image_half is not None
         small = F.interpolate(
-            scores, size=image_half.shape[-2:], mode="bilinear", align_corners=False
+            scores, size=image_half.shape[-2:], mode="bilinear", align_corners=align_corners
         )
+        if softmax_scores:  # over the kept channels only; absent ones become exactly 0
+            small = small.masked_fill(~present[..., None, None], float("-inf")).softmax(dim=1)
         small = refine_fn(image_half, small * present[..., None, None])
         scores = F.interpolate(small.float(), size=(h, w), mode="bilinear", align_corners=False)
     # Absent classes are out of the running whatever their (refined) score.
@@ -88,6 +109,7 @@ def pseudo_labels(
     refine_fn: RefineFn | None = None,
     ignore_index: int = 255,
     size: tuple[int, int] | None = None,
+    softmax_scores: bool = False,
 ) -> Tensor:
     """(B, H, W) int64 pseudo labels in {0..K−1, ignore_index} (AFA §3.3, TSCD §3).
 
@@ -97,7 +119,8 @@ def pseudo_labels(
     low) the scores [t, CAMs] are optionally refined with `refine_fn(image_half, scores_half)` at
     (H//2, W//2) and argmax'd; then label = label_high, ignore_index where background under
     `high` but foreground under `low`, and ignore_index outside `area`. An image without a
-    present class is all background inside its area.
+    present class is all background inside its area. `softmax_scores`: softmax the kept
+    channels (background and present classes) before `refine_fn` (AFA's PAR pipeline).
     """
     if not low <= high:
         raise ValueError(f"need low <= high, got low={low}, high={high}")
@@ -117,8 +140,16 @@ def pseudo_labels(
         half = (max(1, out_size[0] // 2), max(1, out_size[1] // 2))
         image_half = F.interpolate(image.float(), size=half, mode="bilinear", align_corners=False)
 
-    label_high = _label_map(cams, present, high, image_half, refine_fn)
-    label_low = _label_map(cams, present, low, image_half, refine_fn)
+    label_high = _label_map(cams, present, high, image_half, refine_fn, softmax_scores)
+    label_low = _label_map(cams, present, low, image_half, refine_fn, softmax_scores)
+    return _combine(label_high, label_low, area, ignore_index)
+
+
+def _combine(
+    label_high: Tensor, label_low: Tensor, area: Tensor | None, ignore_index: int
+) -> Tensor:
+    """label_high, ignore where background under high but foreground under low, ignore outside
+    the area (AFA's rule)."""
     out = label_high.clone()
     out[(label_high == 0) & (label_low != 0)] = ignore_index
     if area is not None:
@@ -126,4 +157,47 @@ def pseudo_labels(
     return out
 
 
-__all__ = ["pseudo_labels"]
+@torch.no_grad()
+def propagated_pseudo_labels(
+    scores_high: Tensor,
+    scores_low: Tensor,
+    labels: Tensor,
+    image: Tensor | None = None,
+    area: Tensor | None = None,
+    refine_fn: RefineFn | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """(B, H, W) pseudo labels from background-stacked scores (B, K, h, w) — AFA's labels from
+    the affinity-propagated CAMs (`affinity.propagate_with_background` with the high and the low
+    background score).
+
+    Each is upsampled bilinearly to the output size (area's, else image's), refined with
+    `refine_fn` at the half size as the CAM labels are (no softmax: the propagated scores are
+    already softmax-weighted), argmax'd with absent classes out of the running, and combined by
+    the same rule as `pseudo_labels` (rulixiang/afa scripts/dist_train_voc.py, train():
+    `refine_cams_with_cls_label(par, ...)` on `aff_cam_l` / `aff_cam_h`, then `refined_aff_label`).
+    """
+    if scores_high.shape != scores_low.shape:
+        raise ValueError(f"scores {tuple(scores_high.shape)} and {tuple(scores_low.shape)} differ")
+    if labels.shape[1] + 1 != scores_high.shape[1]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match scores with a background")
+    if refine_fn is not None and image is None:
+        raise ValueError("refine_fn needs the image")
+    out_size = _output_size(scores_high, image, area, None)
+    present = torch.cat([labels.new_ones(labels.shape[0], 1), labels], dim=1) > 0
+    image_half = None
+    if refine_fn is not None:
+        half = (max(1, out_size[0] // 2), max(1, out_size[1] // 2))
+        image_half = F.interpolate(image.float(), size=half, mode="bilinear", align_corners=False)
+    maps = []
+    for scores in (scores_high, scores_low):
+        scores = scores.float() * present[..., None, None]
+        if scores.shape[-2:] != torch.Size(out_size):
+            scores = F.interpolate(scores, size=out_size, mode="bilinear", align_corners=False)
+        # To the half size with align_corners=True: AFA hands the full-size propagated scores to
+        # PAR, whose forward resizes them to the half-size image that way (wetr/PAR.py).
+        maps.append(_refined_argmax(scores, present, image_half, refine_fn, align_corners=True))
+    return _combine(maps[0], maps[1], area, ignore_index)
+
+
+__all__ = ["propagated_pseudo_labels", "pseudo_labels"]

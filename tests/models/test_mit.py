@@ -53,8 +53,8 @@ def test_output_shapes_and_strides(name, width, strides, size, channels, hw) -> 
     assert len(attns) == model.depths[3]
     for attn in attns:
         assert attn.shape == (2, 8, n, n)
-        assert (attn >= 0).all()
-        torch.testing.assert_close(attn.sum(-1), torch.ones(2, 8, n))
+        # Raw logits q·kᵀ (AFA): signed, rows do not sum to one.
+        assert (attn < 0).any() and (attn > 0).any()
 
 
 def test_variant_table() -> None:
@@ -204,7 +204,19 @@ def test_attention_paths_agree_with_hand_computation(sr: int) -> None:
         p = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(d), dim=-1)
         probs.append(p)
         out.append(p @ v[..., sl])
-    torch.testing.assert_close(attn, torch.stack(probs, dim=1), rtol=1e-5, atol=1e-6)
+    # The returned maps are the raw logits q·kᵀ, before the 1/sqrt(d) scale and the softmax, as
+    # AFA's Attention.forward returns `attn_ = q @ k.transpose(-2, -1)` (rulixiang/afa
+    # wetr/mix_transformer.py, Attention.forward, ~line 107; the scaled softmax ~line 112).
+    logits = torch.stack(
+        [
+            q[..., j * d : (j + 1) * d] @ k[..., j * d : (j + 1) * d].transpose(1, 2)
+            for j in range(heads)
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(attn, logits, rtol=1e-5, atol=1e-5)
+    scaled = (attn * attn_mod.scale).softmax(-1)
+    torch.testing.assert_close(scaled, torch.stack(probs, dim=1), rtol=1e-5, atol=1e-6)
     expected = torch.cat(out, dim=-1) @ attn_mod.proj.weight.T + attn_mod.proj.bias
     torch.testing.assert_close(out_explicit, expected, rtol=1e-5, atol=1e-5)
 
@@ -360,3 +372,27 @@ def test_segformer_head_matches_hand_computation() -> None:
     pred = head.linear_pred
     expected_logits = torch.einsum("bchw,kc->bkhw", expected, pred.weight[:, :, 0, 0])
     torch.testing.assert_close(logits, expected_logits + pred.bias[:, None, None])
+
+
+def test_stage4_logits_are_q_dot_k_from_the_block_weights() -> None:
+    # A tiny MiT: the encoder's stage-4 maps equal q·kᵀ computed by hand from block4's weights
+    # on the tokens that enter each block (captured as the output of each block's norm1).
+    model = _mit(strides=(4, 2, 2, 1)).eval()
+    seen: list[torch.Tensor] = []
+    hooks = [
+        blk.norm1.register_forward_hook(lambda m, i, o: seen.append(o)) for blk in model.block4
+    ]
+    with torch.no_grad():
+        _, attns = model(torch.randn(2, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    assert len(attns) == len(seen) == 2
+    for blk, tokens, attn in zip(model.block4, seen, attns):
+        a = blk.attn
+        heads, c = a.num_heads, tokens.shape[-1]
+        d = c // heads
+        q = tokens @ a.q.weight.T + a.q.bias
+        k = (tokens @ a.kv.weight.T + a.kv.bias)[..., :c]  # kv rows: [k; v]
+        for j in range(heads):
+            expected = q[..., j * d : (j + 1) * d] @ k[..., j * d : (j + 1) * d].transpose(1, 2)
+            torch.testing.assert_close(attn[:, j], expected, rtol=1e-5, atol=1e-5)

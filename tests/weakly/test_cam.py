@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from skimage.transform import resize
 
-from components.weakly.cam import multiscale_cam, normalise_cams
+from components.weakly.cam import cam_at, multiscale_cam, normalise_cams
 
 
 def test_normalise_cams_min_max_per_image_and_class():
@@ -52,7 +52,9 @@ def cam_fn(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_cam(image: np.ndarray, scales, flip: bool) -> np.ndarray:
-    """Independent numpy/skimage computation for one (3, H, W) image -> (2, h, w)."""
+    """Independent numpy/skimage computation for one (3, H, W) image -> (2, H, W): each raw CAM
+    upsampled to the image size, ReLU, summed, min-max (rulixiang/afa utils/camutils.py,
+    multi_scale_cam)."""
 
     def bilinear(a: np.ndarray, size) -> np.ndarray:  # half-pixel bilinear, no antialias
         return np.stack([resize(ch, size, order=1, mode="edge", anti_aliasing=False) for ch in a])
@@ -63,7 +65,7 @@ def reference_cam(image: np.ndarray, scales, flip: bool) -> np.ndarray:
         return np.einsum("kc,chw->khw", W, pooled) + BIAS[:, None, None]
 
     _, height, width = image.shape
-    size = (height // 4, width // 4)
+    size = (height, width)
     total = np.zeros((2, *size))
     for s in scales:
         img = bilinear(image, (round(height * s), round(width * s)))
@@ -83,7 +85,7 @@ def test_multiscale_cam_matches_numpy_reference(flip):
     images = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64)
     scales = (1.0, 0.5, 1.5)  # 16, 8, 24 px: all multiples of the pooling stride
     out = multiscale_cam(cam_fn, images, scales=scales, flip=flip)
-    assert out.shape == (2, 2, 4, 4)
+    assert out.shape == (2, 2, 16, 16)
     for b in range(2):
         expected = reference_cam(images[b].numpy(), scales, flip)
         np.testing.assert_allclose(out[b].numpy(), expected, rtol=1e-5, atol=1e-6)
@@ -94,21 +96,48 @@ def test_flip_fusion_of_an_asymmetric_map():
     # constant (-> zeros after normalisation); without it the ramp survives.
     def ramp_fn(x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        return torch.linspace(0.0, 1.0, w // 2).expand(b, 1, h // 2, w // 2).clone()
+        # 0, 1, 2, 3: dyadic interpolation weights keep every sum exact in float32.
+        return torch.arange(w // 2, dtype=torch.float32).expand(b, 1, h // 2, w // 2).clone()
 
     images = torch.rand(1, 3, 8, 8)
     flipped = multiscale_cam(ramp_fn, images, scales=(1.0,), flip=True)
     plain = multiscale_cam(ramp_fn, images, scales=(1.0,), flip=False)
     np.testing.assert_allclose(flipped.numpy(), 0.0, atol=1e-6)
-    np.testing.assert_allclose(plain[0, 0, 0].numpy(), [0.0, 1 / 3, 2 / 3, 1.0], atol=1e-6)
+    # The 4-px ramp [0, 1, 2, 3] upsampled to 8 px (align_corners=False: source x =
+    # (x + 0.5) / 2 - 0.5, clamped at the borders): [0, 1, 3, 5, 7, 9, 11, 12] / 4, then
+    # min-max: / 12.
+    expected = np.array([0, 1, 3, 5, 7, 9, 11, 12]) / 12
+    np.testing.assert_allclose(plain[0, 0, 0].numpy(), expected, atol=1e-6)
 
 
-def test_first_scale_must_be_one():
-    images = torch.rand(1, 3, 16, 16)
-    with pytest.raises(ValueError, match="first CAM scale"):
-        multiscale_cam(cam_fn, images, scales=(0.5, 1.0))
+def test_scales_in_any_order_but_not_empty_or_negative():
+    images = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    a = multiscale_cam(cam_fn, images, scales=(0.5, 1.0))
+    b = multiscale_cam(cam_fn, images, scales=(1.0, 0.5))
+    torch.testing.assert_close(a, b)
     with pytest.raises(ValueError):
         multiscale_cam(cam_fn, images, scales=())
+    with pytest.raises(ValueError):
+        multiscale_cam(cam_fn, images, scales=(1.0, -0.5))
+
+
+def test_official_order_upsample_then_relu_then_normalise():
+    # A raw 1x2 CAM [-1, 3] to a 1x4 image. Upsampling (align_corners=False, source x =
+    # (x + 0.5) / 2 - 0.5 clamped to [0, 1]): x = 0 -> -1, 1 -> -1 + 0.25*4 = 0,
+    # 2 -> -1 + 0.75*4 = 2, 3 -> 3; ReLU [0, 0, 2, 3]; min-max [0, 0, 2/3, 1]
+    # (the order of rulixiang/afa utils/camutils.py multi_scale_cam: interpolate, relu, then
+    # `cam + adaptive_max_pool2d(-cam)` and the division by the max).
+    raw = torch.tensor([[[[-1.0, 3.0]]]])
+    out = cam_at(raw, (1, 4))
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 0.0, 2 / 3, 1.0]))
+    # The previous order (ReLU + min-max at the CAM size, then upsampling) gives
+    # [0, 1] -> [0, 0.25, 0.75, 1]: three of four pixels non-zero instead of two.
+    old = F.interpolate(normalise_cams(raw), size=(1, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(old[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    # multiscale_cam follows the same order at one scale without flip.
+    x = torch.zeros(1, 3, 1, 4)
+    fused = multiscale_cam(lambda _: raw, x, scales=(1.0,), flip=False)
+    torch.testing.assert_close(fused, out)
 
 
 def test_tiny_scale_keeps_at_least_one_pixel():
