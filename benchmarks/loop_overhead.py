@@ -1,0 +1,197 @@
+"""Train-step time of the Ray Train worker against a bare PyTorch loop, same model and data.
+
+    python benchmarks/loop_overhead.py        # no arguments; about 5 minutes on 2 CPU cores
+
+Both arms distil the default student (DeepLabV3, ResNet-18 x0.25) with pixel KD
+(`method.name=kd`) from the default teacher's architecture (ResNet-18 x0.5, random weights
+saved to a file: the speed does not depend on them) on the embedded synthetic dataset (512
+rows at 48 px, batch 8: 64 steps an epoch), EPOCHS epochs, one worker, and time every step
+with the same code (`core.train_one_epoch`: forward, backward, optimizer step; the wait for the
+batch is excluded and reported apart as the data wait share).
+
+- `ray`: `trainer.fit` as pipelines/distill.py runs it, on a private local Ray instance started
+  as `init_ray` starts one (all the machine's CPUs, tasks and actors at nice 0; started for the
+  arm, outside the timing): Ray Data decode tasks, the worker process, `ray.train.report` each
+  epoch. Its step times are the worker's own epoch metrics (`step_ms_median` / `_mean` / `_p99`).
+- `ray-1thread`: the same with `trainer.torch_threads=1` (the worker's one reserved CPU).
+- `ray-nice15`: the same on an instance with Ray's default worker niceness (15), as before.
+- `bare`: one process, a DataLoader (one worker process, the same decoder) and the same
+  method, optimizer and schedule; torch at its default thread count.
+
+The first epoch of every arm is warm-up and left out. Per arm and run: the mean of the epochs'
+mean step times, the median of their medians and the largest of their 99th percentiles (the
+same aggregation for every arm). The arms alternate (ray, bare, ray-1thread, ray-nice15; then rotated),
+REPEATS times each; medians over runs are compared. The last line is the mean step ratio
+(ray / bare): `... ratio X.XX`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+
+REPEATS = 3
+EPOCHS = 3
+ARMS = ("ray", "bare", "ray-1thread", "ray-nice15")
+
+
+def _cfg(data_root: str, teacher: str, storage: str, name: str, threads: int | None):
+    from components.config import merge_config, validate
+
+    overrides = [
+        f"data.root={data_root}",
+        "method.name=kd",
+        f"teacher.checkpoint={teacher}",
+        f"trainer.epochs={EPOCHS}",
+        f"trainer.storage_path={storage}",
+        f"trainer.name={name}",
+        f"trainer.eval_every={EPOCHS}",
+        "trainer.image_every=0",
+        "trainer.progress=lines",
+    ]
+    if threads is not None:
+        overrides.append(f"trainer.torch_threads={threads}")
+    cfg = merge_config(None, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _aggregate(rows: list[dict]) -> dict[str, float]:
+    rows = rows[1:]  # the first epoch warms up
+    return {
+        "mean": statistics.mean(r["step_ms_mean"] for r in rows),
+        "median": statistics.median(r["step_ms_median"] for r in rows),
+        "p99": max(r["step_ms_p99"] for r in rows),
+        "wait": statistics.mean(r["data_wait_share"] for r in rows),
+    }
+
+
+def ray_arm(data_root: str, teacher: str, storage: str, run: str, threads: int | None) -> dict:
+    from components.data.shards import DatasetInfo
+    from components.training.trainer import fit, load_teacher
+
+    cfg = _cfg(data_root, teacher, storage, run, threads)
+    info = DatasetInfo.load(data_root)
+    t = load_teacher(teacher, cfg.teacher.model, info.num_classes)
+    fit(cfg, info, run, t)
+    lines = (Path(storage) / run / "metrics.jsonl").read_text().splitlines()
+    return _aggregate([json.loads(line) for line in lines])
+
+
+def bare_arm(data_root: str, teacher_file: str) -> dict:
+    import torch
+    from plain_loop import row_loader
+
+    from components.data.device import model_batch
+    from components.data.shards import DatasetInfo
+    from components.data.transforms import decode_train_batch
+    from components.models.build import build_model
+    from components.regimes import regime_of
+    from components.training.checkpoint import load_torch_file
+    from components.training.core import train_one_epoch
+    from components.training.schedule import Schedule, build_optimizer
+
+    cfg = _cfg(data_root, teacher_file, "unused", "unused", None)
+    info = DatasetInfo.load(data_root)
+    d, k = cfg.data, info.num_classes
+    torch.manual_seed(0)
+    student = build_model(cfg.model, k)
+    teacher = build_model(cfg.teacher.model, k)
+    teacher.load_state_dict(load_torch_file(Path(teacher_file)))
+    teacher.eval()
+    method = regime_of("kd").build_method(
+        cfg, student, teacher, num_classes=k, autocast_dtype=None, ignore_index=info.ignore_index
+    )
+    optimizer = build_optimizer(method.trainable, cfg.optim)
+    steps = info.splits[d.train_split].rows // d.batch_size
+    schedule = Schedule.of(optimizer, steps * EPOCHS, cfg.optim)
+    decode = partial(
+        decode_train_batch, crop_size=d.crop_size, scale_range=(d.scale_min, d.scale_max),
+        flip=d.flip, num_classes=k, ignore_index=info.ignore_index, normalized=False,
+    )  # fmt: skip
+    loader = row_loader(data_root, d.train_split, d.batch_size, decode, workers=1)
+    progress = {"iteration": 0}
+    epochs = []
+    for _ in range(EPOCHS):
+        stats = train_one_epoch(
+            method, map(model_batch, iter(loader)), optimizer, schedule, progress, steps
+        )
+        ms = np.asarray(stats.step_s) * 1000
+        epochs.append({
+            "step_ms_mean": float(ms.mean()),
+            "step_ms_median": float(np.median(ms)),
+            "step_ms_p99": float(np.percentile(ms, 99)),
+            "data_wait_share": stats.wait_s / stats.train_s,
+        })  # fmt: skip
+    return _aggregate(epochs)
+
+
+def main() -> int:
+    import ray
+    import torch
+
+    from components.data.synthetic import ensure_synthetic
+    from components.models.build import build_model
+    from components.schema import ModelConfig, SyntheticConfig
+    from pipelines._common import LOCAL_RUNTIME_ENV, quiet_environment, start_local_ray
+
+    cpus = os.cpu_count() or 1
+    quiet_environment(False)
+    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = str(Path(tmp) / "data")
+        info = ensure_synthetic(data_root, SyntheticConfig())
+        torch.manual_seed(0)
+        teacher_file = str(Path(tmp) / "teacher.pt")
+        model = build_model(ModelConfig(backbone="resnet18", width=0.5), info.num_classes)
+        torch.save(model.state_dict(), teacher_file)
+        print(f"{cpus} CPUs, torch {torch.__version__}, default threads "
+              f"{torch.get_num_threads()}", flush=True)  # fmt: skip
+        default_threads = torch.get_num_threads()
+        for r in range(REPEATS):
+            order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
+            for arm in order:
+                if arm == "bare":
+                    torch.set_num_threads(default_threads)
+                    out = bare_arm(data_root, teacher_file)
+                else:
+                    env = None if arm == "ray-nice15" else LOCAL_RUNTIME_ENV
+                    start_local_ray(include_dashboard=True, dashboard_host="127.0.0.1",
+                                    runtime_env=env, log_to_driver=False)  # fmt: skip
+                    threads = 1 if arm == "ray-1thread" else None
+                    out = ray_arm(data_root, teacher_file, str(Path(tmp) / "runs"),
+                                  f"{arm}-{r}", threads)  # fmt: skip
+                    ray.shutdown()
+                results[arm].append(out)
+                print(f"run {r} {arm}: mean {out['mean']:.1f} ms, median {out['median']:.1f}, "
+                      f"p99 {out['p99']:.1f}, data wait {100 * out['wait']:.1f}%", flush=True)  # fmt: skip
+
+    def med(arm: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[arm])
+
+    bare = {key: med("bare", key) for key in ("mean", "median", "p99", "wait")}
+    print("\n| arm | mean ms | median ms | p99 ms | data wait | mean / bare | p99 / bare |")
+    print("|---|---|---|---|---|---|---|")
+    for arm in ARMS:
+        m = {key: med(arm, key) for key in ("mean", "median", "p99", "wait")}
+        print(f"| {arm} | {m['mean']:.1f} | {m['median']:.1f} | {m['p99']:.1f} | "
+              f"{100 * m['wait']:.1f}% | {m['mean'] / bare['mean']:.2f} | "
+              f"{m['p99'] / bare['p99']:.2f} |")  # fmt: skip
+    p99 = med("ray", "p99") / bare["p99"]
+    print(f"p99 step ratio (ray / bare): {p99:.2f}")
+    print(f"train step, mean (ray / bare): ratio {med('ray', 'mean') / bare['mean']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
