@@ -12,8 +12,8 @@ use these are in decode.py; both are re-exported by transforms.py.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
 from scipy import ndimage as ndi
-from skimage.filters import gaussian
 
 # The torchvision ImageNet statistics, on the 0-255 scale of uint8 images.
 IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
@@ -116,28 +116,65 @@ def strong_photometric(
 ) -> np.ndarray:
     """The photometric part of the strong view of an unlabeled image, (H, W, 3) uint8 -> same.
 
-    UniMatch's set, applied in this order when listed in `ops`:
-    - `colour_jitter` (p 0.8): brightness, contrast and saturation factors each ~ U(0.5, 1.5)
-      (torchvision's ColorJitter(0.5, 0.5, 0.5) without hue);
-    - `grayscale` (p 0.2): ITU-R 601 luma in all three channels;
-    - `blur` (p 0.5): Gaussian, σ ~ U(0.1, 2.0) pixels.
+    UniMatch's set (LiheYoung/UniMatch `dataset/semi.py` L51-54, `dataset/transform.py` L58-63),
+    applied in this order when listed in `ops`, with the same PIL operations torchvision runs on
+    a PIL image (each op's result stored as uint8 before the next):
+    - `colour_jitter` (p 0.8): torchvision's `ColorJitter(0.5, 0.5, 0.5, 0.25)` (`colour_jitter`);
+    - `grayscale` (p 0.2): `RandomGrayscale`: PIL's "L" conversion (ITU-R 601 luma, integer
+      rounding) in all three channels;
+    - `blur` (p 0.5): PIL `GaussianBlur(radius=σ)`, σ ~ U(0.1, 2.0).
     Geometry is untouched, so the strong view stays pixel-aligned with the weak one. (`cutmix`
-    mixes two images and is applied on the worker: components/semisup/fixmatch.py.)
+    mixes two images and is applied on the worker: components/semisup/fixmatch.py.) Every random
+    draw is from `rng` (torchvision draws from torch's generator: the laws are the same).
     """
-    x = image.astype(np.float32)
-    luma_w = np.array([0.299, 0.587, 0.114], np.float32)
+    if not any(op in ops for op in ("colour_jitter", "grayscale", "blur")):
+        return image
+    img = Image.fromarray(np.ascontiguousarray(image))
     if "colour_jitter" in ops and rng.random() < 0.8:
-        b, c, s = rng.uniform(0.5, 1.5, size=3)
-        x = x * b
-        x = (x - (x @ luma_w).mean()) * c + (x @ luma_w).mean()
-        gray = (x @ luma_w)[..., None]
-        x = (x - gray) * s + gray
-        x = np.clip(x, 0, 255)
+        img = colour_jitter(img, rng)
     if "grayscale" in ops and rng.random() < 0.2:
-        x = np.repeat((x @ luma_w)[..., None], 3, axis=2)
+        img = img.convert("L").convert("RGB")
     if "blur" in ops and rng.random() < 0.5:
-        x = gaussian(x, sigma=rng.uniform(0.1, 2.0), channel_axis=-1, preserve_range=True)
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def colour_jitter(
+    img: Image.Image,
+    rng: np.random.Generator,
+    brightness: float = 0.5,
+    contrast: float = 0.5,
+    saturation: float = 0.5,
+    hue: float = 0.25,
+) -> Image.Image:
+    """torchvision's `ColorJitter(brightness, contrast, saturation, hue)` on a PIL RGB image: the
+    four ops in a random order, factors U(1 - x, 1 + x) and a hue shift U(-hue, hue), each op
+    the PIL call torchvision's functional API makes for PIL input (ImageEnhance.Brightness /
+    Contrast / Color, and `adjust_hue`)."""
+    order = rng.permutation(4)
+    b, c, s = rng.uniform([1 - brightness, 1 - contrast, 1 - saturation],
+                          [1 + brightness, 1 + contrast, 1 + saturation])  # fmt: skip
+    h = rng.uniform(-hue, hue)
+    for op in order:
+        if op == 0:
+            img = ImageEnhance.Brightness(img).enhance(b)
+        elif op == 1:
+            img = ImageEnhance.Contrast(img).enhance(c)
+        elif op == 2:
+            img = ImageEnhance.Color(img).enhance(s)
+        else:
+            img = adjust_hue(img, h)
+    return img
+
+
+def adjust_hue(img: Image.Image, factor: float) -> Image.Image:
+    """Rotate the hue of a PIL RGB image by `factor` of a turn (|factor| <= 0.5), as
+    torchvision's PIL `adjust_hue`: PIL's HSV, the 8-bit hue channel shifted by
+    int(factor * 255), wrapping around."""
+    hue_channel, sat, val = img.convert("HSV").split()
+    shifted = (np.asarray(hue_channel, np.int16) + int(factor * 255)) % 256
+    hue_channel = Image.fromarray(shifted.astype(np.uint8), "L")
+    return Image.merge("HSV", (hue_channel, sat, val)).convert("RGB")
 
 
 def pad_to(
