@@ -77,9 +77,7 @@ class LocalVal:
             )
         self.columns = {
             key: (
-                np.concatenate([p[key] for p in parts])
-                if parts
-                else np.zeros((0, *shape), dtype)
+                np.concatenate([p[key] for p in parts]) if parts else np.zeros((0, *shape), dtype)
             )
             for key, shape, dtype in (
                 ("image", (height, width, 3), np.uint8),

@@ -350,6 +350,8 @@ def test_uint8_transfer_form_normalises_on_the_device_to_the_same_numbers(name):
             assert torch.equal(got[key], torch.as_tensor(ref[key])), key
     assert not bool(got["valid"][1]) and bool((got["image"][1] == 0).all())
     # a second stream's keys under its prefix; float images pass through
-    prefixed = model_batch({f"u_{k}": torch.as_tensor(v) for k, v in raw.items() if k != "id"}, "u_")
+    prefixed = model_batch(
+        {f"u_{k}": torch.as_tensor(v) for k, v in raw.items() if k != "id"}, "u_"
+    )
     assert torch.equal(prefixed["u_image"], got["image"])
     assert model_batch({"image": got["image"]})["image"] is got["image"]
