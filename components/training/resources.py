@@ -7,8 +7,9 @@ error. The driver checks first:
     request = run_request(cfg.trainer, cluster_capacity().get("GPU", 0) > 0)
     wait_for_resources(request, wait_s=cfg.trainer.resource_wait_s)   # raises ConfigError
 
-- An autoscaling cluster (the autoscaler publishes its node types, e.g. clusters/*.yaml or
-  KubeRay) is checked against its *maximum* size at once; the autoscaler adds the nodes.
+- An autoscaling cluster (its autoscaler found: `find_autoscaler`, from the head of a
+  clusters/*.yaml cluster, or a KubeRay pod) is checked against its *maximum* size at once, and
+  its autoscaler is asked for the nodes.
 - A fixed cluster (a local instance, `ray start` by hand) is checked against its nodes now, and
   waited on for up to `wait_s` seconds in case nodes are still joining.
 On CPU-only training one CPU beyond the workers' is needed for Ray Data's decode tasks, or the
@@ -151,11 +152,16 @@ class Autoscaler:
     node_types: tuple[NodeType, ...]
     max_workers: int = -1
     source: str = ""
+    # False: the cluster autoscales but its node types could not be read (a KubeRay pod whose
+    # service account may not read its RayCluster): no limit is checked, demand is placed.
+    known: bool = True
 
     def fits_one(self, bundle: dict[str, float]) -> list[NodeType]:
         return [t for t in self.node_types if t.max_workers != 0 and _holds(t.resources, bundle)]
 
     def describe(self) -> str:
+        if not self.known:
+            return f"unknown ({self.source})"
         return "; ".join(
             f"{t.name} ({_fmt(t.resources, _keys(t.resources)) or 'no resources'}, "
             f"max {t.max_workers if t.max_workers >= 0 else 'unlimited'})"
@@ -234,10 +240,74 @@ def _monitor_config_path(gcs_address: str, proc: str = "/proc") -> str | None:
     return None
 
 
+def kuberay_autoscaling(environ=None) -> tuple[str, str] | None:
+    """(namespace, name) of the RayCluster when this process runs in a KubeRay pod whose
+    cluster has in-tree autoscaling, else None. KubeRay sets RAY_CLUSTER_NAME and
+    RAY_CLUSTER_NAMESPACE in every Ray container (Ray's own dashboard reads them) and the
+    generated `ray start` command in KUBERAY_GEN_RAY_START_CMD; with `enableInTreeAutoscaling`
+    the head's command has `--no-monitor` (the autoscaler is the pod's sidecar, not a process of
+    this container) and recent KubeRay versions set RAY_enable_autoscaler_v2 (true for v2, false
+    for v1) in the head container. A job's driver inherits the head container's environment."""
+    environ = os.environ if environ is None else environ
+    name, namespace = environ.get("RAY_CLUSTER_NAME"), environ.get("RAY_CLUSTER_NAMESPACE")
+    if not name or not namespace:
+        return None
+    command = environ.get("KUBERAY_GEN_RAY_START_CMD", "")
+    if "--no-monitor" in command or "RAY_enable_autoscaler_v2" in environ:
+        return namespace, name
+    return None
+
+
+def _read_raycluster(namespace: str, name: str) -> dict:
+    """The RayCluster object, read with the pod's service account as the autoscaler sidecar does
+    (KubeRay gives the head pod the autoscaler's account, which may get rayclusters)."""
+    from ray.autoscaler._private.kuberay.node_provider import KubernetesHttpApiClient
+
+    return KubernetesHttpApiClient(namespace=namespace).get(f"rayclusters/{name}")
+
+
+def kuberay_autoscaler(environ=None, read=_read_raycluster) -> Autoscaler | None:
+    """A KubeRay cluster's autoscaler: its worker groups from the RayCluster, translated by Ray's
+    own KubeRay code (what the sidecar scales by), or one of unknown limits when the RayCluster
+    cannot be read. None outside an autoscaling KubeRay cluster."""
+    found = kuberay_autoscaling(environ)
+    if found is None:
+        return None
+    namespace, name = found
+    source = f"KubeRay RayCluster {namespace}/{name}"
+    try:
+        from ray.autoscaler._private.kuberay.autoscaling_config import (
+            _derive_autoscaling_config_from_ray_cr,
+        )
+
+        scaler = autoscaler_from_config(
+            _derive_autoscaling_config_from_ray_cr(read(namespace, name)), source
+        )
+    except Exception as e:  # noqa: BLE001  (no permission, no API server, another CR shape)
+        return Autoscaler((), -1, f"{source}, unreadable: {type(e).__name__}", known=False)
+    return scaler or None  # every group at maxReplicas 0: it cannot grow
+
+
+KUBERAY_READ_EVERY_S = 60.0  # the RayCluster is read at most this often (runs poll every 2 s)
+_kuberay_read: dict[tuple[str, str], tuple[float, Autoscaler | None]] = {}
+
+
+def _kuberay_autoscaler_cached() -> Autoscaler | None:
+    key = kuberay_autoscaling()
+    if key is None:
+        return None
+    hit = _kuberay_read.get(key)
+    if hit is None or time.monotonic() - hit[0] >= KUBERAY_READ_EVERY_S:
+        hit = _kuberay_read[key] = (time.monotonic(), kuberay_autoscaler())
+    return hit[1]
+
+
 def find_autoscaler() -> Autoscaler | None:
     """This cluster's autoscaler, or None for a fixed cluster. Ray 2.60 publishes no node types
     in the GCS (`get_max_resources_from_cluster_config()` is None: nothing writes the key), so
-    the config the autoscaler process was started with is read; the GCS key first, in case."""
+    the config the autoscaler process was started with is read (on the head of a cluster started
+    by `ray up` / `ray start --autoscaling-config`), or, in a KubeRay pod, the RayCluster; the
+    GCS key first, in case."""
     import ray
     from ray._private import state
 
@@ -248,12 +318,12 @@ def find_autoscaler() -> Autoscaler | None:
         return found
     try:
         path = _monitor_config_path(ray.get_runtime_context().gcs_address)
-        if path is None:
-            return None
-        with open(path) as f:
-            return autoscaler_from_config(yaml.safe_load(f) or {}, path)
+        if path is not None:
+            with open(path) as f:
+                return autoscaler_from_config(yaml.safe_load(f) or {}, path)
     except Exception:  # noqa: BLE001  (unreadable: treat the cluster as fixed, as before)
         return None
+    return _kuberay_autoscaler_cached()
 
 
 def _head(nodes: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -265,6 +335,11 @@ def maximum_of(scaler: Autoscaler, nodes: list[dict[str, float]]) -> dict[str, f
     max_workers, with no more workers than the cluster-wide max_workers (the largest nodes of
     each resource counted first). An unlimited count gives infinity."""
     out: dict[str, float] = {}
+    if not scaler.known:  # limits unknown: what it has now (demand is placed all the same)
+        for node in nodes:
+            for k, v in node.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
     for node in _head(nodes):
         for k, v in node.items():
             out[k] = out.get(k, 0.0) + v
@@ -396,7 +471,8 @@ def _clear_later(request: Request, within_s: float = CLEAR_AFTER_S, poll_s: floa
 def _wait_for_autoscaler(
     request: Request, scaler: Autoscaler, nodes, wait_s: float, log, poll_s: float
 ) -> None:
-    keys = list(request.totals)
+    if not scaler.known:
+        return _wait_for_nodes(request, scaler, nodes, {}, wait_s, log, poll_s)
     for bundle in {tuple(sorted(b.items())) for b in _demand(request)}:
         if not scaler.fits_one(dict(bundle)) and not any(_holds(n, dict(bundle)) for n in nodes):
             raise ConfigError(
@@ -416,6 +492,14 @@ def _wait_for_autoscaler(
         raise ConfigError(
             f"{problem}; lower trainer.num_workers or raise the cluster's max_workers"
         )
+    _wait_for_nodes(request, scaler, nodes, plan, wait_s, log, poll_s)
+
+
+def _wait_for_nodes(
+    request: Request, scaler: Autoscaler, nodes, plan: dict[str, int], wait_s: float, log, poll_s
+) -> None:
+    """Place the run's demand for the autoscaler and wait until its nodes are there."""
+    keys = list(request.totals)
     if shortfall(request, nodes) is None:
         return
     bundles = _demand(request)
@@ -505,6 +589,8 @@ __all__ = [
     "autoscaler_from_config",
     "cluster_capacity",
     "find_autoscaler",
+    "kuberay_autoscaler",
+    "kuberay_autoscaling",
     "launch_plan",
     "max_shortfall",
     "maximum_of",

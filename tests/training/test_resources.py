@@ -252,3 +252,82 @@ def test_two_cpu_workers_share_a_two_core_laptop():
     assert too_many.per_worker == {"CPU": 1.0}  # a share under 0.25 CPU: refused, not shrunk
     on_cluster = run_request(t, cluster_has_gpu=False)  # a cluster's nodes: as configured
     assert on_cluster.per_worker == {"CPU": 1.0}
+
+
+KUBERAY_HEAD_ENV = {
+    "RAY_CLUSTER_NAME": "segdistill",
+    "RAY_CLUSTER_NAMESPACE": "ml",
+    # what KubeRay generates for the head of an autoscaling RayCluster (rayStartParams plus
+    # its own no-monitor: the autoscaler runs in the pod's sidecar container)
+    "KUBERAY_GEN_RAY_START_CMD": "ray start --head --block --dashboard-host=0.0.0.0 "
+    "--no-monitor --num-cpus=0",
+}
+
+
+def _shipped_raycluster() -> dict:
+    path = Path(__file__).resolve().parents[2] / "clusters/kuberay/raycluster.yaml"
+    cr = next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "RayCluster")
+    cr["metadata"]["namespace"] = "ml"  # the API server fills it in
+    return cr
+
+
+def test_a_kuberay_pod_of_an_autoscaling_cluster_is_recognised():
+    assert resources.kuberay_autoscaling({}) is None  # not on Kubernetes
+    fixed = dict(KUBERAY_HEAD_ENV, KUBERAY_GEN_RAY_START_CMD="ray start --head --block")
+    assert resources.kuberay_autoscaling(fixed) is None  # KubeRay without in-tree autoscaling
+    assert resources.kuberay_autoscaling(KUBERAY_HEAD_ENV) == ("ml", "segdistill")
+    v2 = dict(fixed, RAY_enable_autoscaler_v2="true")  # set by KubeRay when autoscaling
+    assert resources.kuberay_autoscaling(v2) == ("ml", "segdistill")
+
+
+def test_kuberay_node_types_from_the_shipped_raycluster():
+    """The worker groups as the sidecar sees them, through Ray's own KubeRay translation."""
+    asked = []
+
+    def read(namespace, name):
+        asked.append((namespace, name))
+        return _shipped_raycluster()
+
+    scaler = resources.kuberay_autoscaler(KUBERAY_HEAD_ENV, read)
+    assert asked == [("ml", "segdistill")] and scaler.known
+    types = {t.name: t for t in scaler.node_types}
+    assert types["gpu-1x"].resources["GPU"] == 1.0 and types["gpu-1x"].max_workers == 8
+    assert types["gpu-4x"].resources["GPU"] == 4.0 and types["gpu-4x"].max_workers == 2
+    assert "GPU" not in types["cpu-data"].resources
+    assert resources.maximum_of(scaler, [HEAD])["GPU"] == 16.0  # 8 x 1 + 2 x 4
+    assert resources.kuberay_autoscaler({}, read) is None
+
+
+def test_an_unreadable_raycluster_still_places_demand_without_limits(monkeypatch):
+    """The pod's service account may not read its RayCluster: the cluster still autoscales,
+    so the run's demand is placed and waited for (no limit can be checked up front)."""
+
+    def forbidden(namespace, name):
+        raise PermissionError("403")
+
+    scaler = resources.kuberay_autoscaler(KUBERAY_HEAD_ENV, forbidden)
+    assert scaler is not None and not scaler.known and "PermissionError" in scaler.source
+    grown = [HEAD, {"CPU": 8.0, "GPU": 1.0}]
+    _fake_cluster(monkeypatch, [(scaler, [HEAD]), (scaler, grown)])
+    placed, logged = [], []
+    monkeypatch.setattr(resources, "_place_demand", placed.append)
+    monkeypatch.setattr(resources, "_clear_later", lambda r: placed.append("clear later"))
+    wait_for_resources(_gpu(1), wait_s=0, log=logged.append, poll_s=0.01)
+    assert "for the autoscaler to start nodes" in logged[0]
+    assert placed == [[{"CPU": 1.0, "GPU": 1.0}], "clear later"]
+    capacity = resources.cluster_capacity()  # no maximum known: what it has now
+    assert capacity["CPU"] == 8.0 and capacity["GPU"] == 1.0
+
+
+def test_the_raycluster_is_read_at_most_once_a_minute(monkeypatch):
+    """Runs poll the cluster every 2 s while they wait; the API server is asked once a minute."""
+    reads = []
+    for key, value in KUBERAY_HEAD_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(resources, "_kuberay_read", {})
+    monkeypatch.setattr(resources, "kuberay_autoscaler", lambda: reads.append(1) or "scaler")
+    assert resources._kuberay_autoscaler_cached() == "scaler"
+    assert resources._kuberay_autoscaler_cached() == "scaler" and len(reads) == 1
+    monkeypatch.setattr(resources, "KUBERAY_READ_EVERY_S", 0.0)
+    resources._kuberay_autoscaler_cached()
+    assert len(reads) == 2
