@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray.train
@@ -33,6 +34,7 @@ from components.models.build import build_model
 from components.regimes import LABELED, Regime, regime_of
 from components.training.checkpoint import (
     CheckpointError,
+    latest_resumable,
     load_full_state,
     read_meta,
     rng_state,
@@ -134,9 +136,11 @@ def _setup(config: dict) -> Worker:
 
 
 def _resume(w: Worker) -> str | None:
-    """The newest full state: Ray's checkpoint, or a complete checkpoint folder Ray had not
-    registered when the driver was killed between its upload and Ray's bookkeeping (`fit`
-    found it). The schedule needs nothing: the iteration sets the learning rate."""
+    """The newest full state: Ray's checkpoint, or a newer complete checkpoint folder of the run
+    that Ray had not registered (the driver or a worker group lost between a checkpoint's upload
+    and Ray's bookkeeping), looked up at every start of the worker group
+    (`_newest_in_run_folder`). The schedule needs nothing: the iteration sets the learning
+    rate."""
     state, source, unusable = None, "", None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -146,7 +150,7 @@ def _resume(w: Worker) -> str | None:
             except CheckpointError as e:  # corrupted or cut short: the newest verified instead
                 unusable = e
                 w.print0(f"warning: skipping Ray's newest checkpoint: {e}")
-    found = w.config.get("resume_folder")
+    found = _newest_in_run_folder(w)
     if found is not None and (
         state is None or read_meta(found)["progress"]["iteration"] > state["progress"]["iteration"]
     ):
@@ -170,6 +174,20 @@ def _resume(w: Worker) -> str | None:
         set_rng_state(rngs[w.rank])
     p = w.progress
     return f"resumed from checkpoint: epoch {p['epoch']}, iteration {p['iteration']}{source}"
+
+
+def _newest_in_run_folder(w: Worker) -> str | None:
+    """The run folder's newest complete checkpoint, looked up now, at this start of the worker
+    group (a restart after a lost worker comes back here): the driver's lookup before the fit
+    (`resume_folder`) misses checkpoints written since, and Ray may not have recorded the newest
+    one (a group lost between its upload and Ray's bookkeeping). URIs and folders this node
+    cannot see fall back to the driver's answer."""
+    run_folder = w.config.get("run_folder")
+    if run_folder and "://" not in run_folder and Path(run_folder).is_dir():
+        newest = latest_resumable(run_folder, warn=w.print0)
+        if newest is not None:
+            return str(newest)
+    return w.config.get("resume_folder")
 
 
 class Streams:
