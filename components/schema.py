@@ -12,7 +12,7 @@ from typing import Any
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 MITS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
-BACKBONES = RESNETS + MITS
+BACKBONES = RESNETS + ("mobilenetv2",) + MITS
 HEADS = ("deeplabv3", "pspnet", "segformer")
 REFINEMENTS = ("varm", "par", "plain", "none")  # par: AFA's PAR; plain: the old ablation
 STRONG_AUGMENTATIONS = ("colour_jitter", "grayscale", "blur", "cutmix")

@@ -11,7 +11,7 @@ differentiable, and built on the input's device and dtype.
 Faithful to the paper: iterative Laplacian pyramid + directional filter bank on low-level
 features, 2 levels, one loss on the sub-bands. Reconstructed (the paper does not give them): the
 5-tap binomial filter with reflect padding, the wedge-mask directional bank below, and the
-per-sub-band standardisation inside L_str.
+per-sub-band standardisation inside L_str (with an eps relative to the features' scale).
 
 Orientation convention: x runs along the width (column index, rightwards), y along the height (row
 index, downwards). A frequency vector (ω_x, ω_y) has orientation θ = atan2(ω_y, ω_x) mod π, the
@@ -34,7 +34,8 @@ from components.distillation.term import StepView, Term
 _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
 # Reflect padding by 2 (the 5-tap filter's half-width) needs more than 2 pixels per side.
 _MIN_SIZE = 3
-_NORM_EPS = 1e-6
+_NORM_EPS = 1e-6  # relative: x the mean sub-band variance (`_relative_eps`)
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @functools.lru_cache(maxsize=64)
@@ -314,6 +315,18 @@ def _level_moments(s: Tensor, t: Tensor, levels: int, directions: int) -> tuple[
     return tuple(torch.cat(m, dim=-1) for m in zip(*per_level))
 
 
+def _relative_eps(var_s: Tensor, var_t: Tensor) -> Tensor:
+    """(B,1,1) eps for the standardisation of L_str: `_NORM_EPS` times the mean over (channel,
+    level, direction) of the sub-band variances of one sample, the larger of the student's and
+    the teacher's (no gradient). It scales with the features, so only sub-bands ~1e6 times
+    weaker than the map's average are damped, at any feature scale; taking the larger of the two
+    keeps the gradient finite when one map is flat. float32's smallest normal is the floor for two
+    all-flat maps."""
+    with torch.no_grad():
+        ref = torch.maximum(var_s.mean(dim=(1, 2)), var_t.mean(dim=(1, 2)))
+        return (_NORM_EPS * ref).clamp_min(_TINY).view(-1, 1, 1)
+
+
 def structural_texture_loss(
     student_low: Tensor, teacher_low: Tensor, levels: int = 2, directions: int = 8
 ) -> Tensor:
@@ -322,9 +335,12 @@ def structural_texture_loss(
         L_str = Σ_n Σ_d MSE(norm(S_{n,d}), norm(T_{n,d}))
 
     over the CDM sub-bands of student and teacher low-level features. norm standardises each
-    (sample, channel, direction) sub-band over space (zero mean, unit std, eps 1e-6 on the
-    variance) so that scale differences between the networks do not dominate — our choice; MSE is
-    the mean over (B,C,H_n,W_n).
+    (sample, channel, direction) sub-band over space (zero mean, unit std) so that scale
+    differences between the networks do not dominate — our choice; MSE is the mean over
+    (B,C,H_n,W_n). The eps added to the variances is relative (`_relative_eps`: 1e-6 x the
+    sample's mean sub-band variance, the larger of the student's and the teacher's), so L_str is
+    unchanged when both maps are multiplied by one factor; an absolute eps made it depend on the
+    feature scale (about half the loss at scale 1e-3, when eps reaches the variances).
 
     Computed in closed form from the sub-bands' second moments: with σ² = var + eps,
     mean_space((S−μ_S)/σ_S − (T−μ_T)/σ_T)² = var_S/σ_S² + var_T/σ_T² − 2 cov/(σ_S σ_T), and the
@@ -340,7 +356,8 @@ def structural_texture_loss(
     _check_directions(directions)
     _check_levels(levels, teacher.shape[-2], teacher.shape[-1])
     var_s, var_t, cov = _level_moments(student, teacher, levels, directions)
-    sd_s, sd_t = torch.sqrt(var_s + _NORM_EPS), torch.sqrt(var_t + _NORM_EPS)
+    eps = _relative_eps(var_s, var_t)
+    sd_s, sd_t = torch.sqrt(var_s + eps), torch.sqrt(var_t + eps)
     mse = var_s / sd_s**2 + var_t / sd_t**2 - 2 * cov / (sd_s * sd_t)
     return mse.clamp_min(0).mean(dim=(0, 1)).sum()
 

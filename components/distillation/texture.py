@@ -16,8 +16,9 @@ Statistical texture of a low-level feature map, parameter-free and fully vectori
 Faithful to the paper: the five steps above and one MSE between student and teacher descriptors.
 Reconstructed (our choices, documented where they are made): the importance weights (level-1
 Laplacian band magnitude), Lloyd–Max with empty levels kept in place, per-side hat widths of the
-soft assignment, the order "drop, then clip" and its water-filling redistribution, and quantizing
-the student with the teacher's levels.
+soft assignment, the order "drop, then clip" and its water-filling redistribution, quantizing
+the student with the teacher's levels, and the unit scale of the two descriptor parts in the
+loss (histogram x N, level means / the teacher's mean square: `statistical_texture_terms`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _IMPORTANCE_FLOOR = 1e-3  # a flat cell's pixels still count, relative to the ma
 _GAP_EPS = 1e-6  # coincident levels (a constant map) would give a zero hat width
 _MASS_EPS = 1e-6
 _COS_EPS = 1e-8  # a zero feature vector has similarity 0 to everything
+_TINY = torch.finfo(torch.float32).tiny  # the mean square of an all-zero teacher map
 
 
 def _importance(feat: Tensor) -> Tensor:
@@ -229,16 +231,59 @@ def texture_descriptor(
     return {"levels": levels, "hist": equalized_histogram(e, clip), "level_mean": level_mean}
 
 
+def statistical_texture_terms(
+    student_low: Tensor,
+    teacher_low: Tensor,
+    num_levels: int = 16,
+    iterations: int = 3,
+    clip: float = 2.0,
+    grids: Sequence[int] = _GRIDS,
+) -> dict[str, Tensor]:
+    """The two parts of L_sta (`statistical_texture_loss`), each a float32 scalar:
+
+        "hist":       mean over (B,G,N) of (N·hist_S − N·hist_T)²
+        "level_mean": mean over the batch of  mean_{G,N,C} (m_S − m_T)² / mean_{C,h,w} T²
+
+    with m the level-wise mean features and T² the teacher's squared features of that sample.
+    Both are dimensionless and O(1) (our scaling, docs/methods.md "SSTKD"): N·hist is the
+    histogram as a density relative to the uniform one (1 = a uniform bin), and the level means
+    are in units of the teacher map's RMS. So both terms, and their ratio, do not change when
+    student and teacher features are multiplied by the same factor; without the scaling the
+    level-mean term grows as the square of the feature scale while the histogram (of cosine
+    similarities) does not change at all, and at unit scale the histogram was ~0.15% of L_sta.
+    An all-zero teacher map (no scale) takes its mean square as float32's smallest normal.
+    """
+    student, teacher = match_teacher_size(student_low, teacher_low, "statistical_texture_loss")
+    with torch.no_grad():
+        target = texture_descriptor(teacher.detach(), None, num_levels, iterations, clip, grids)
+        scale = teacher.detach().square().mean(dim=(1, 2, 3)).clamp_min(_TINY)  # (B,)
+    pred = texture_descriptor(student, target["levels"], num_levels, iterations, clip, grids)
+    n = target["hist"].shape[-1]
+    # (a − b)².mean() rather than F.mse_loss: the same value, and mse_loss's CPU kernel is
+    # several times slower on these small non-contiguous (einsum output) tensors.
+    hist = ((pred["hist"] - target["hist"]) ** 2).mean() * (n * n)
+    level = ((pred["level_mean"] - target["level_mean"]) ** 2).mean(dim=(1, 2, 3))
+    return {"hist": hist, "level_mean": (level / scale).mean()}
+
+
 def statistical_texture_loss(
     student_low: Tensor,
     teacher_low: Tensor,
     num_levels: int = 16,
     iterations: int = 3,
     clip: float = 2.0,
+    grids: Sequence[int] = _GRIDS,
 ) -> Tensor:
     """SSTKD statistical texture loss (Ji et al., CVPR 2022, Sec. 3.3):
 
-        L_sta = MSE(hist_S, hist_T) + MSE(level_mean_S, level_mean_T)
+        L_sta = MSE(N·hist_S, N·hist_T) + MSE(level_mean_S, level_mean_T) / mean(T²)
+
+    The paper's one MSE between the student's and the teacher's DTIEM descriptors, with each
+    descriptor part put on a unit scale (`statistical_texture_terms`; the paper gives no scale):
+    the histogram times the number of levels N, the level-wise mean features divided by the
+    teacher's mean squared feature (per sample). L_sta is therefore unchanged when both feature
+    maps are multiplied by one factor, and both parts are O(1) (the histogram was 0.15% of the
+    unscaled L_sta on the synthetic benchmark's features, 54% of this one).
 
     The teacher's descriptor uses its own levels and no gradient; the student's similarities are
     quantized with the teacher's levels, so the bins match and the levels term of the descriptor
@@ -247,15 +292,8 @@ def statistical_texture_loss(
     student_low, teacher_low: (B,C,h,w), equal (B,C); the student is resized (bilinear) to the
     teacher's size when they differ. Returns a float32 scalar, zero when student == teacher.
     """
-    student, teacher = match_teacher_size(student_low, teacher_low, "statistical_texture_loss")
-    with torch.no_grad():
-        target = texture_descriptor(teacher.detach(), None, num_levels, iterations, clip)
-    pred = texture_descriptor(student, target["levels"], num_levels, iterations, clip)
-    # (a − b)².mean() rather than F.mse_loss: the same value, and mse_loss's CPU kernel is
-    # several times slower on these small non-contiguous (einsum output) tensors.
-    return ((pred["hist"] - target["hist"]) ** 2).mean() + (
-        (pred["level_mean"] - target["level_mean"]) ** 2
-    ).mean()
+    terms = statistical_texture_terms(student_low, teacher_low, num_levels, iterations, clip, grids)
+    return terms["hist"] + terms["level_mean"]
 
 
 def _statistical_term(student: Tensor, teacher: Tensor, view: StepView, _state) -> Tensor:

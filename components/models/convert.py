@@ -26,6 +26,10 @@ Layouts recognised (tried in this order):
       head.classifier. (PSPNet)         -> head.classifier.
       auxlayer.block.{0,1}.             -> aux_head.conv.{0,1}.
       auxlayer.block.4.                 -> aux_head.classifier.
+      pretrained.net.features.0.{0,1}.  -> backbone.features.0.{0,1}.          (MobileNetV2)
+      pretrained.net.features.{i}.conv.{j}. -> backbone.features.{i}.conv.{j'}. (torchvision's
+          nesting: block 1 j 0,1,3,4 -> 0.0, 0.1, 1, 2; blocks 2-17 j 0,1,3,4,6,7 -> 0.0, 0.1,
+          1.0, 1.1, 2, 3; components/models/mobilenet.py `cirkd_block_key`)
 
 A converted file that leaves a model tensor out, holds one in another shape, or has a tensor the
 model has no place for is a ValueError naming them, unless `partial` (then only the tensors
@@ -41,12 +45,24 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from components.models.heads import PSPHead
+from components.models.mobilenet import cirkd_block_key
 
 _SHOW = 5
+
+
+def _mobilenet_block(m: re.Match, key: str) -> str | None:
+    """pretrained.net.features.{i}.conv.{j}.X (CIRKD) -> backbone.features.{i}.conv.{j'}.X."""
+    sub = cirkd_block_key(int(m.group(1)), int(m.group(2)))
+    return None if sub is None else f"backbone.features.{m.group(1)}.conv.{sub}." + key[m.end() :]
+
 
 # (pattern, replacement) on a CIRKD key; the first match wins. DeepLabV3 and PSPNet both name
 # their head's conv block `head.block`, so the rules depend on the head the model has.
 _CIRKD_COMMON = (
+    # MobileNetV2 (models/base_models/mobilenetv2.py: `MobileNetV2Dilated.net`): the stem keeps
+    # its names, the blocks' flat `conv.{j}` become torchvision's nesting (mobilenet.py).
+    (r"^pretrained\.net\.features\.0\.([01])\.", r"backbone.features.0.\1."),
+    (r"^pretrained\.net\.features\.(\d+)\.conv\.(\d+)\.", _mobilenet_block),
     (r"^pretrained\.", "backbone."),
     (r"^auxlayer\.block\.([01])\.", r"aux_head.conv.\1."),
     (r"^auxlayer\.block\.4\.", "aux_head.classifier."),
@@ -98,6 +114,8 @@ def _rename(key: str, rules: tuple) -> str | None:
         m = re.match(pattern, key)
         if m is None:
             continue
+        if callable(repl):
+            return repl(m, key)
         if repl is None:  # head.psp.conv{n}.{i}. -> head.stages.{n-1}.conv.{i}.
             return f"head.stages.{int(m.group(1)) - 1}.conv.{m.group(2)}." + key[m.end() :]
         return re.sub(pattern, repl, key, count=1)
