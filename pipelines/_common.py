@@ -238,11 +238,12 @@ def init_ray(dashboard: bool = True) -> None:
 
 
 # The private local instance's tasks and actors (decoding, the training worker) run at nice 0,
-# like a plain PyTorch program and its DataLoader workers, instead of Ray's default 15: at 15 the
-# training worker yields its core whenever Ray's own processes (raylet, GCS, agents, at nice 0)
-# wake, which made one step in a hundred 10-20x slower on a 2-core machine
-# (benchmarks/loop_overhead.py, docs/benchmarks.md). `ray job submit` sets the same for its
-# supervisor; on a cluster the operator's setting stands.
+# like a plain PyTorch program and its DataLoader workers, instead of Ray's default 15, at which
+# the training worker yields its core to Ray's own processes (raylet, GCS, agents, at nice 0).
+# Measured on 2 cores (benchmarks/loop_overhead.py, docs/benchmarks.md): the same median step
+# either way; the rare very slow step (616 ms, 25x the median, in one of three runs at 15) was
+# not seen at 0 (worst 90 ms). `ray job submit` sets 0 for its supervisor; on a cluster the
+# operator's setting stands.
 LOCAL_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
