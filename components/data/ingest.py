@@ -60,8 +60,11 @@ READ_COLUMNS = ["id", "image", "mask"]
 # Rows decoded per Ray Data task call; also the window of the in-batch row shuffle.
 DECODE_BATCH_ROWS = 32
 # Large images: fewer rows per decode call and per cached block, so a split's decoding spreads
-# over many short tasks (a 128-row shard of 512x1024 photos was one 12 s task).
-DECODE_BATCH_PIXELS = 32 * 128 * 128
+# over many short tasks (a 128-row shard of 512x1024 photos was one 12 s task): 8 rows of
+# 512x1024, 2 of 1024x2048. Measured (benchmarks/ingest_vs_dataloader.py's photos, cached):
+# 8 rows a block 38 img/s, 2 rows 31; small images keep whole shards as blocks (32-row blocks of
+# 48 px images: 780-970 img/s against 1440-1880).
+DECODE_BATCH_PIXELS = 8 * 512 * 1024
 # Auto-cache encoded rows when they take less than this share of the object store.
 CACHE_SHARE = 0.2
 

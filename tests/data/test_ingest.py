@@ -76,22 +76,24 @@ def test_steps_per_epoch_names_the_numbers(tmp_path):
 
 def test_large_images_decode_in_short_tasks(ray_session, tmp_path):
     """Rows per decode call (and per cached block) fall with the image size: 32 for small
-    images, 2 for 512x1024 (32 * 128 * 128 pixels per call), so a split's decoding spreads over
-    many tasks; every row still arrives once, as uint8."""
+    images, 8 for 512x1024 and 2 for 1024x2048 (8 * 512 * 1024 pixels per call), so a split's
+    decoding spreads over many tasks; every row still arrives once, as uint8."""
     from components.data.ingest import decode_rows
     from components.data.shards import SplitInfo
 
     info = _write_dataset(tmp_path, rows=10, bad={})
-    assert decode_rows(info, "train") == 32  # 32x32: 32 * 128 * 128 // 1024 = 512, capped at 32
+    assert decode_rows(info, "train") == 32  # 32x32: 4096 rows' worth, capped at 32
     big = DatasetInfo("x", 3, ["a", "b", "c"], [[0, 0, 0]] * 3,
                       splits={"train": SplitInfo(10, [], 512, 1024)})  # fmt: skip
+    assert decode_rows(big, "train") == 8
+    big.splits["train"].max_height, big.splits["train"].max_width = 1024, 2048
     assert decode_rows(big, "train") == 2
     assert decode_rows(big, "missing") == 32
-    info.splits["train"].max_height = info.splits["train"].max_width = 256  # -> 8 rows
+    info.splits["train"].max_height = info.splits["train"].max_width = 1024  # -> 4 rows
     from components.data.ingest import _encoded_rows
 
     rows = decode_rows(info, "train")
-    assert _encoded_rows(str(tmp_path), "train", None, True, block_rows=rows).num_blocks() == 2
+    assert _encoded_rows(str(tmp_path), "train", None, True, block_rows=rows).num_blocks() == 3
     data = DataConfig(root=str(tmp_path), crop_size=16, cache_encoded=True)
     batches = list(train_dataset(data, info).iter_batches(batch_size=None))
     assert sum(len(b["mask"]) for b in batches) == 10
