@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cirkd_keys import bn, deeplabv3_head
 
 from components.config import ConfigError, ModelConfig, load_config
 from components.models.build import build_model
@@ -20,62 +21,43 @@ from components.models.convert import convert_state_dict
 NCLASS = 19
 
 
-def _bn(out: dict, name: str, c: int) -> None:
-    for leaf in ("weight", "bias", "running_mean", "running_var"):
-        out[f"{name}.{leaf}"] = (c,)
-    out[f"{name}.num_batches_tracked"] = ()
-
-
 def cirkd_layout(head: str, nclass: int = NCLASS) -> dict[str, tuple[int, ...]]:
     """Key -> shape of CIRKD's ResNet-18 DeepLabV3 / PSPNet with aux=True (Cityscapes runs)."""
     out: dict[str, tuple[int, ...]] = {}
     # resnetv1b.py lines 103-111: the deep stem; inplanes 128 (line 100).
     out["pretrained.conv1.weight"] = (64, 3, 3, 3)
-    _bn(out, "pretrained.bn1", 64)
+    bn(out, "pretrained.bn1", 64)
     out["pretrained.conv2.weight"] = (64, 64, 3, 3)
-    _bn(out, "pretrained.bn2", 64)
+    bn(out, "pretrained.bn2", 64)
     out["pretrained.conv3.weight"] = (128, 64, 3, 3)
-    _bn(out, "pretrained.bn3", 128)
+    bn(out, "pretrained.bn3", 128)
     inplanes = 128
     for i, planes in enumerate((64, 128, 256, 512), start=1):
         for b in range(2):  # BasicBlockV1b, [2, 2, 2, 2]
             p = f"pretrained.layer{i}.{b}"
             cin = inplanes if b == 0 else planes
             out[f"{p}.conv1.weight"] = (planes, cin, 3, 3)
-            _bn(out, f"{p}.bn1", planes)
+            bn(out, f"{p}.bn1", planes)
             out[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-            _bn(out, f"{p}.bn2", planes)
+            bn(out, f"{p}.bn2", planes)
             # _make_layer line 145: stride != 1 or inplanes != planes (layer1: 128 -> 64).
             if b == 0 and (i > 1 or inplanes != planes):
                 out[f"{p}.downsample.0.weight"] = (planes, cin, 1, 1)
-                _bn(out, f"{p}.downsample.1", planes)
+                bn(out, f"{p}.downsample.1", planes)
         inplanes = planes
     if head == "deeplabv3":  # deeplabv3.py at 7e0d21f: ASPP and block at 128 for in 512
-        c = 128
-        out["head.aspp.b0.0.weight"] = (c, 512, 1, 1)
-        _bn(out, "head.aspp.b0.1", c)
-        for j in (1, 2, 3):
-            out[f"head.aspp.b{j}.block.0.weight"] = (c, 512, 3, 3)
-            _bn(out, f"head.aspp.b{j}.block.1", c)
-        out["head.aspp.b4.gap.1.weight"] = (c, 512, 1, 1)
-        _bn(out, "head.aspp.b4.gap.2", c)
-        out["head.aspp.project.0.weight"] = (c, 5 * c, 1, 1)
-        _bn(out, "head.aspp.project.1", c)
-        out["head.block.0.weight"] = (c, c, 3, 3)
-        _bn(out, "head.block.1", c)
-        out["head.block.4.weight"] = (nclass, c, 1, 1)
-        out["head.block.4.bias"] = (nclass,)
+        deeplabv3_head(out, 512, nclass)
     else:  # pspnet.py: pyramid at 512 / 4, block 128 for in 512
         for n in (1, 2, 3, 4):
             out[f"head.psp.conv{n}.0.weight"] = (128, 512, 1, 1)
-            _bn(out, f"head.psp.conv{n}.1", 128)
+            bn(out, f"head.psp.conv{n}.1", 128)
         out["head.block.0.weight"] = (128, 1024, 3, 3)
-        _bn(out, "head.block.1", 128)
+        bn(out, "head.block.1", 128)
         out["head.classifier.weight"] = (nclass, 128, 1, 1)
         out["head.classifier.bias"] = (nclass,)
     # _FCNHead(in_channels // 2 = 256): inter 64
     out["auxlayer.block.0.weight"] = (64, 256, 3, 3)
-    _bn(out, "auxlayer.block.1", 64)
+    bn(out, "auxlayer.block.1", 64)
     out["auxlayer.block.4.weight"] = (nclass, 64, 1, 1)
     out["auxlayer.block.4.bias"] = (nclass,)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cirkd_keys import bn, deeplabv3_head
 
 from components.config import ModelConfig, load_config
 from components.models.build import build_model
@@ -21,12 +22,6 @@ from components.models.mobilenet import MobileNetV2
 
 SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
            (6, 160, 3, 2), (6, 320, 1, 1))  # fmt: skip
-
-
-def _bn(out: dict, name: str, c: int) -> None:
-    for leaf in ("weight", "bias", "running_mean", "running_var"):
-        out[f"{name}.{leaf}"] = (c,)
-    out[f"{name}.num_batches_tracked"] = ()
 
 
 def _blocks():
@@ -40,19 +35,19 @@ def _blocks():
 
 def torchvision_layout(num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {"features.0.0.weight": (32, 3, 3, 3)}
-    _bn(out, "features.0.1", 32)
+    bn(out, "features.0.1", 32)
     for i, cin, hidden, cout, t in _blocks():
         p, j = f"features.{i}.conv", 0
         if t != 1:
             out[f"{p}.0.0.weight"] = (hidden, cin, 1, 1)
-            _bn(out, f"{p}.0.1", hidden)
+            bn(out, f"{p}.0.1", hidden)
             j = 1
         out[f"{p}.{j}.0.weight"] = (hidden, 1, 3, 3)
-        _bn(out, f"{p}.{j}.1", hidden)
+        bn(out, f"{p}.{j}.1", hidden)
         out[f"{p}.{j + 1}.weight"] = (cout, hidden, 1, 1)
-        _bn(out, f"{p}.{j + 2}", cout)
+        bn(out, f"{p}.{j + 2}", cout)
     out["features.18.0.weight"] = (1280, 320, 1, 1)
-    _bn(out, "features.18.1", 1280)
+    bn(out, "features.18.1", 1280)
     out["classifier.1.weight"] = (num_classes, 1280)
     out["classifier.1.bias"] = (num_classes,)
     return out
@@ -62,35 +57,22 @@ def cirkd_layout(nclass: int = 19) -> dict[str, tuple[int, ...]]:
     """CIRKD's DeepLabV3-MobileNetV2: `pretrained.net.features.0..17` (flat block Sequentials,
     no features.18, no classifier) and `_DeepLabHead(320)` with ASPP 128, no aux head."""
     out: dict[str, tuple[int, ...]] = {"pretrained.net.features.0.0.weight": (32, 3, 3, 3)}
-    _bn(out, "pretrained.net.features.0.1", 32)
+    bn(out, "pretrained.net.features.0.1", 32)
     for i, cin, hidden, cout, t in _blocks():
         p = f"pretrained.net.features.{i}.conv"
         if t == 1:  # dw 0, BN 1, ReLU6 2, pw-linear 3, BN 4
             out[f"{p}.0.weight"] = (hidden, 1, 3, 3)
-            _bn(out, f"{p}.1", hidden)
+            bn(out, f"{p}.1", hidden)
             out[f"{p}.3.weight"] = (cout, hidden, 1, 1)
-            _bn(out, f"{p}.4", cout)
+            bn(out, f"{p}.4", cout)
         else:  # pw 0, BN 1, ReLU6 2, dw 3, BN 4, ReLU6 5, pw-linear 6, BN 7
             out[f"{p}.0.weight"] = (hidden, cin, 1, 1)
-            _bn(out, f"{p}.1", hidden)
+            bn(out, f"{p}.1", hidden)
             out[f"{p}.3.weight"] = (hidden, 1, 3, 3)
-            _bn(out, f"{p}.4", hidden)
+            bn(out, f"{p}.4", hidden)
             out[f"{p}.6.weight"] = (cout, hidden, 1, 1)
-            _bn(out, f"{p}.7", cout)
-    c = 128
-    out["head.aspp.b0.0.weight"] = (c, 320, 1, 1)
-    _bn(out, "head.aspp.b0.1", c)
-    for j in (1, 2, 3):
-        out[f"head.aspp.b{j}.block.0.weight"] = (c, 320, 3, 3)
-        _bn(out, f"head.aspp.b{j}.block.1", c)
-    out["head.aspp.b4.gap.1.weight"] = (c, 320, 1, 1)
-    _bn(out, "head.aspp.b4.gap.2", c)
-    out["head.aspp.project.0.weight"] = (c, 5 * c, 1, 1)
-    _bn(out, "head.aspp.project.1", c)
-    out["head.block.0.weight"] = (c, c, 3, 3)
-    _bn(out, "head.block.1", c)
-    out["head.block.4.weight"] = (nclass, c, 1, 1)
-    out["head.block.4.bias"] = (nclass,)
+            bn(out, f"{p}.7", cout)
+    deeplabv3_head(out, 320, nclass)
     return out
 
 
