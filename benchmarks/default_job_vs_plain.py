@@ -51,36 +51,22 @@ REPEATS = 2
 def _train(cfg, info, teacher, epochs: int, lr: float, log) -> tuple:
     """Train `cfg.model` with `cfg.method` for `epochs`, evaluating val after each; returns
     (model, last val mIoU)."""
-    import torch
-    from plain_loop import collate, row_loader, split_rows
+    from plain_loop import collate, plain_method, row_loader, split_rows, train_decoder
 
     from components.data.decode import decode_eval_batch
     from components.data.device import model_batch
-    from components.data.transforms import decode_train_batch
+    from components.data.local_val import eval_pad
     from components.metrics import miou
-    from components.models.build import build_model
-    from components.regimes import regime_of
     from components.training.core import train_one_epoch
     from components.training.evaluation import evaluate_counts
-    from components.training.schedule import Schedule, build_optimizer
 
     d, k = cfg.data, info.num_classes
-    torch.manual_seed(cfg.trainer.seed)
-    student = build_model(cfg.model, k)
-    method = regime_of(cfg.method.name).build_method(
-        cfg, student, teacher, num_classes=k, autocast_dtype=None, ignore_index=info.ignore_index
-    )
     cfg.optim.lr = lr
-    optimizer = build_optimizer(method.trainable, cfg.optim)
-    steps = info.splits[d.train_split].rows // d.batch_size
-    schedule = Schedule.of(optimizer, steps * epochs, cfg.optim)
-    train_decode = partial(
-        decode_train_batch, crop_size=d.crop_size, scale_range=(d.scale_min, d.scale_max),
-        flip=d.flip, num_classes=k, ignore_index=info.ignore_index, normalized=False,
-    )  # fmt: skip
-    s = info.splits[d.val_split]
+    method, optimizer, schedule, steps = plain_method(cfg, info, teacher, epochs, cfg.trainer.seed)
+    train_decode = train_decoder(cfg, info)
+    pad_height, pad_width = eval_pad(info, d.val_split)
     val_decode = partial(
-        decode_eval_batch, pad_height=-(-s.max_height // 8) * 8, pad_width=-(-s.max_width // 8) * 8,
+        decode_eval_batch, pad_height=pad_height, pad_width=pad_width,
         num_classes=k, ignore_index=info.ignore_index, normalized=False,
     )  # fmt: skip
     train = row_loader(d.root, d.train_split, d.batch_size, train_decode, workers=1)

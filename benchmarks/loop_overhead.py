@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -89,36 +88,22 @@ def ray_arm(data_root: str, teacher: str, storage: str, run: str, threads: int |
 
 
 def bare_arm(data_root: str, teacher_file: str) -> dict:
-    import torch
-    from plain_loop import row_loader
+    from plain_loop import plain_method, row_loader, train_decoder
 
     from components.data.device import model_batch
     from components.data.shards import DatasetInfo
-    from components.data.transforms import decode_train_batch
     from components.models.build import build_model
-    from components.regimes import regime_of
     from components.training.checkpoint import load_torch_file
     from components.training.core import train_one_epoch
-    from components.training.schedule import Schedule, build_optimizer
 
     cfg = _cfg(data_root, teacher_file, "unused", "unused", None)
     info = DatasetInfo.load(data_root)
     d, k = cfg.data, info.num_classes
-    torch.manual_seed(0)
-    student = build_model(cfg.model, k)
     teacher = build_model(cfg.teacher.model, k)
     teacher.load_state_dict(load_torch_file(Path(teacher_file)))
     teacher.eval()
-    method = regime_of("kd").build_method(
-        cfg, student, teacher, num_classes=k, autocast_dtype=None, ignore_index=info.ignore_index
-    )
-    optimizer = build_optimizer(method.trainable, cfg.optim)
-    steps = info.splits[d.train_split].rows // d.batch_size
-    schedule = Schedule.of(optimizer, steps * EPOCHS, cfg.optim)
-    decode = partial(
-        decode_train_batch, crop_size=d.crop_size, scale_range=(d.scale_min, d.scale_max),
-        flip=d.flip, num_classes=k, ignore_index=info.ignore_index, normalized=False,
-    )  # fmt: skip
+    method, optimizer, schedule, steps = plain_method(cfg, info, teacher, EPOCHS, seed=0)
+    decode = train_decoder(cfg, info)
     loader = row_loader(data_root, d.train_split, d.batch_size, decode, workers=1)
     progress = {"iteration": 0}
     epochs = []

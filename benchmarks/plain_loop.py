@@ -42,3 +42,36 @@ def row_loader(root: str, split: str, batch_size: int, decode, workers: int, shu
         num_workers=workers, persistent_workers=workers > 0,
         collate_fn=partial(collate, decode=decode),
     )  # fmt: skip
+
+
+def train_decoder(cfg, info):
+    """`decode_train_batch` with the config's crop, scale range and flip, uint8 rows out (the
+    decode + augment the Ray path runs)."""
+    from components.data.transforms import decode_train_batch
+
+    d = cfg.data
+    return partial(
+        decode_train_batch, crop_size=d.crop_size, scale_range=(d.scale_min, d.scale_max),
+        flip=d.flip, num_classes=info.num_classes, ignore_index=info.ignore_index,
+        normalized=False,
+    )  # fmt: skip
+
+
+def plain_method(cfg, info, teacher, epochs: int, seed: int):
+    """(method, optimizer, schedule, steps per epoch) for one process, built as the Ray worker
+    builds them (regime.build_method, build_optimizer, Schedule.of), no autocast."""
+    import torch
+
+    from components.models.build import build_model
+    from components.regimes import regime_of
+    from components.training.schedule import Schedule, build_optimizer
+
+    k = info.num_classes
+    torch.manual_seed(seed)
+    student = build_model(cfg.model, k)
+    method = regime_of(cfg.method.name).build_method(
+        cfg, student, teacher, num_classes=k, autocast_dtype=None, ignore_index=info.ignore_index
+    )
+    optimizer = build_optimizer(method.trainable, cfg.optim)
+    steps = info.splits[cfg.data.train_split].rows // cfg.data.batch_size
+    return method, optimizer, Schedule.of(optimizer, steps * epochs, cfg.optim), steps
