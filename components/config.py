@@ -53,6 +53,10 @@ from components.schema import (
     WeaklyConfig,
 )
 
+# `model.variant` of ResNet networks (components/models/resnet.py ResNet.VARIANTS, heads.py
+# VARIANTS; docs/methods.md "Model variants"). "mmseg" is built for ResNet backbones only.
+MODEL_VARIANTS = ("torchvision", "cirkd", "mmseg")
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 
@@ -165,9 +169,14 @@ def _validate_model(m: ModelConfig, prefix: str) -> None:
         _check(m.output_stride in (8, 16), f"{prefix}.output_stride", "must be 8 or 16")
     _check(0 <= m.drop_path < 1, f"{prefix}.drop_path", "must be in [0, 1)")
     _check(
-        m.variant in ("torchvision", "cirkd"),
+        m.variant in MODEL_VARIANTS,
         f"{prefix}.variant",
-        f"'{m.variant}' not one of ('torchvision', 'cirkd')",
+        f"'{m.variant}' not one of {MODEL_VARIANTS}",
+    )
+    _check(
+        m.variant != "mmseg" or m.backbone in RESNETS,
+        f"{prefix}.variant",
+        f"mmseg is built for ResNet backbones ({', '.join(RESNETS)}), got '{m.backbone}'",
     )
     resnet_only = (
         ("variant", m.variant != "torchvision"),
@@ -435,6 +444,7 @@ __all__ = [
     "HEADS",
     "MISSING",
     "MITS",
+    "MODEL_VARIANTS",
     "REFINEMENTS",
     "RENAMED",
     "RESNETS",

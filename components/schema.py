@@ -93,16 +93,20 @@ class ModelConfig:
     # global max pooling) and the affinity head on the last stage's attention maps.
     cls_head: bool = False
     drop_path: float = 0.1  # MiT stochastic depth rate
-    # ResNet networks: "torchvision" (7x7 stem, torchvision's dilation; our heads) or "cirkd"
-    # (CIRKD's ResNetV1s deep 3x3 stem and dilation rule, its heads' pooled-branch BatchNorm and
-    # align_corners; CIRKD's checkpoints load into it). docs/methods.md, "Model variants".
+    # ResNet networks: "torchvision" (7x7 stem, torchvision's dilation; our heads; torchvision's
+    # deeplabv3_resnet50/101 files load into it), "cirkd" (CIRKD's ResNetV1s deep 3x3 stem and
+    # dilation rule, its heads' pooled-branch BatchNorm and align_corners; CIRKD's checkpoints
+    # load into it) or "mmseg" (mmsegmentation's ResNetV1c 32-32-64 stem, its ASPPHead / PSPHead
+    # / FCNHead; its "-d8" DeepLabV3 / PSPNet files load). docs/methods.md, "Model variants".
     variant: str = "torchvision"
     # Main-head channels (ASPP / PSP bottleneck), used as given (not scaled by width). None: the
     # variant's: torchvision 256 (DeepLabV3) / 512 (PSPNet) x width; cirkd as CIRKD's released
     # code, 128 for ResNet-18/34, 256 (DeepLabV3) / 512 (PSPNet) for ResNet-50/101, x width.
-    # CIRKDv2's code (2025) uses 512 (DeepLabV3) and 128 / 256 (PSPNet).
+    # CIRKDv2's code (2025) uses 512 (DeepLabV3) and 128 / 256 (PSPNet). mmseg: 512 x width
+    # (128 for ResNet-18/34, as its *_r18-d8 configs).
     head_channels: int | None = None
-    # Aux (FCN) head channels, used as given. None: torchvision 256 x width; cirkd layer3 / 4.
+    # Aux (FCN) head channels, used as given. None: torchvision 256 x width; cirkd layer3 / 4;
+    # mmseg 256 x width (64 for ResNet-18/34).
     aux_channels: int | None = None
 
 

@@ -165,7 +165,8 @@ def build_backbone(
     name: str, width: float = 1.0, output_stride: int = 8, variant: str = "torchvision"
 ) -> ResNet:
     """A randomly initialised ResNet by name (one of components.config.BACKBONES); variant
-    "cirkd" is CIRKD's deep-stem ResNetV1s (components/models/resnet.py)."""
+    "cirkd" is CIRKD's deep-stem ResNetV1s, "mmseg" mmsegmentation's ResNetV1c
+    (components/models/resnet.py)."""
     match name:
         case "resnet18":
             return ResNet(BasicBlock, (2, 2, 2, 2), width, output_stride, variant)
@@ -190,24 +191,35 @@ def head_channels(cfg: ModelConfig, backbone: ResNet) -> int:
     (winycg/CIRKD commit 7e0d21f, models/deeplabv3.py lines 77-80 and 133-136: ASPP 128 on a
     512-channel layer4, 256 on 2048; models/pspnet.py lines 110-113: bottleneck 128 / 512;
     MobileNetV2: 128, deeplabv3_mobile.py `_ASPP`, psp_mobile.py `_PSPHead`), scaled by width.
-    The width-1 layer4 channels tell the ResNet-18/34 from the 50/101 case."""
+    mmseg: 512 for ResNet-50/101 (configs/_base_/models/deeplabv3_r50-d8.py and pspnet_r50-d8.py
+    line 29, `channels=512`), 128 for ResNet-18/34 (the r18-d8 configs, e.g.
+    configs/pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py), scaled by width.
+    The block type tells the ResNet-18/34 from the 50/101 case."""
     if cfg.head_channels is not None:
         return cfg.head_channels
+    basic = not isinstance(backbone, ResNet) or backbone.layer4[0].expansion == 1
     if cfg.variant == "cirkd":
-        basic = not isinstance(backbone, ResNet) or backbone.layer4[0].expansion == 1
         base = 128 if basic else (256 if cfg.head == "deeplabv3" else 512)
+    elif cfg.variant == "mmseg":
+        base = 128 if basic else 512
     else:
         base = 256 if cfg.head == "deeplabv3" else 512
     return _scaled(base, cfg.width, 16)
 
 
 def aux_channels(cfg: ModelConfig, backbone: ResNet) -> int:
-    """The aux head's channels: `cfg.aux_channels`, else 256 x width (torchvision) or layer3's
-    channels / 4 (cirkd: models/deeplabv3.py `_FCNHead`, line 59, on in_channels // 2)."""
+    """The aux head's channels: `cfg.aux_channels`, else 256 x width (torchvision), layer3's
+    channels / 4 (cirkd: models/deeplabv3.py `_FCNHead`, line 59, on in_channels // 2) or, for
+    mmseg, 256 x width for ResNet-50/101 (the _base_ configs' `auxiliary_head`, line 41) and
+    64 x width for ResNet-18/34 (the r18-d8 configs: `channels=64`)."""
     if cfg.aux_channels is not None:
         return cfg.aux_channels
     if cfg.variant == "cirkd":
         return max(1, backbone.out_channels["layer3"] // 4)
+    if cfg.variant == "mmseg" and (
+        not isinstance(backbone, ResNet) or backbone.layer4[0].expansion == 1
+    ):
+        return _scaled(64, cfg.width, 16)
     return _scaled(256, cfg.width, 16)
 
 
@@ -262,7 +274,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> SegmentationModel | SegFo
     aux_head = None
     if cfg.aux_head:
         aux_in = backbone.out_channels["layer3"]
-        aux_head = FCNAuxHead(aux_in, num_classes, aux_channels(cfg, backbone))
+        aux_head = FCNAuxHead(aux_in, num_classes, aux_channels(cfg, backbone), variant)
     if cfg.pretrained:
         report = load_pretrained_backbone(backbone, cfg.pretrained, cfg.pretrained_partial)
         _print_report(cfg.pretrained, report)

@@ -18,6 +18,18 @@ pooled branches are conv (no bias) + BatchNorm + ReLU (deeplabv3.py `_AsppPoolin
 PSPNet upsamples its pyramid with align_corners=True (pspnet.py lines 98-101) and its pyramid
 branches have in_channels / 4 channels (line 86) while the bottleneck has `channels`; DeepLabV3
 drops out (0.1) before the classifier (deeplabv3.py `_DeepLabHead.block`, lines 84-90).
+
+`variant="mmseg"` builds mmsegmentation's decode heads (open-mmlab/mmsegmentation v1.2.2,
+mmseg/models/decode_heads/; the released "-d8" Cityscapes models): every 1x1 branch, the pooled
+ones included, is ConvModule = conv (no bias) + BatchNorm + ReLU (so training needs B >= 2 per
+worker, as cirkd); `decode_head.py` lines 157-161 and 240-244: Dropout2d(0.1), then `conv_seg`.
+DeepLabV3 is `ASPPHead` (aspp_head.py lines 65-116): image pooling, a 1x1 and one 3x3 branch per
+rate, concatenated with the pooled branch FIRST, then a 3x3 `bottleneck` over the concatenation
+(-> embed): there is no 1x1 projection and no dropout 0.5. PSPNet is `PSPHead` (psp_head.py
+lines 25-111): the pyramid at `channels` with BatchNorm, upsampled with align_corners=False,
+concatenated after the input, a 3x3 bottleneck. The FCN aux head (fcn_head.py lines 38-64 with
+num_convs=1, concat_input=False) is ours but for Dropout2d. Our key names stay ours;
+components/models/convert.py renames mmseg's.
 """
 
 from __future__ import annotations
@@ -73,11 +85,14 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Seq
     )
 
 
-def _check_variant(variant: str) -> bool:
-    """True for "cirkd", False for "torchvision"; ValueError otherwise."""
-    if variant not in ("torchvision", "cirkd"):
-        raise ValueError(f"variant must be 'torchvision' or 'cirkd', got {variant!r}")
-    return variant == "cirkd"
+VARIANTS = ("torchvision", "cirkd", "mmseg")
+
+
+def _check_variant(variant: str) -> str:
+    """`variant` when it is one of VARIANTS; ValueError otherwise."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return variant
 
 
 class _PoolBranch(nn.Module):
@@ -108,29 +123,47 @@ class _PoolBranch(nn.Module):
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (Chen et al., "Rethinking Atrous Convolution", 2017):
     a 1x1 branch, one 3x3 branch per rate, an image-pooling branch, then a 1x1 projection.
-    pool_bn: BatchNorm in the image-pooling branch (CIRKD's and torchvision's ASPP)."""
+    pool_bn: BatchNorm in the image-pooling branch (CIRKD's, torchvision's and mmseg's ASPP).
+    project=False (mmseg's ASPPHead): no projection, the output is the concatenation
+    (`out_channels` = (len(rates) + 2) x channels); pool_first: the pooled branch first in it
+    (mmseg's order; the branches keep their indices, the pooled one last)."""
 
     def __init__(
-        self, in_channels: int, channels: int, rates: Sequence[int], pool_bn: bool = False
+        self,
+        in_channels: int,
+        channels: int,
+        rates: Sequence[int],
+        pool_bn: bool = False,
+        project: bool = True,
+        pool_first: bool = False,
     ) -> None:
         super().__init__()
         branches: list[nn.Module] = [_conv_bn_relu(in_channels, channels, 1)]
         branches += [_conv_bn_relu(in_channels, channels, 3, r) for r in rates]
         branches.append(_PoolBranch(in_channels, channels, 1, bn=pool_bn))
         self.branches = nn.ModuleList(branches)
-        self.project = nn.Sequential(
-            _conv_bn_relu(len(branches) * channels, channels, 1), nn.Dropout(0.5)
-        )
+        self.pool_first = pool_first
+        self.out_channels = channels if project else len(branches) * channels
+        self.project: nn.Module = nn.Identity()
+        if project:
+            self.project = nn.Sequential(
+                _conv_bn_relu(len(branches) * channels, channels, 1), nn.Dropout(0.5)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_channels, h, w) -> (B, channels, h, w)."""
-        return self.project(torch.cat([b(x) for b in self.branches], dim=1))
+        """x: (B, in_channels, h, w) -> (B, out_channels, h, w)."""
+        outs = [b(x) for b in self.branches]
+        if self.pool_first:
+            outs = outs[-1:] + outs[:-1]
+        return self.project(torch.cat(outs, dim=1))
 
 
 class DeepLabV3Head(nn.Module):
     """DeepLabV3: ASPP, a 3x3 conv (-> embed), a 1x1 classifier. Use rates (12, 24, 36) at
-    output stride 8 and (6, 12, 18) at output stride 16. variant: "torchvision" or "cirkd"
-    (BatchNorm in the pooling branch, dropout 0.1 before the classifier; see the module doc)."""
+    output stride 8 and (6, 12, 18) at output stride 16. variant: "torchvision", "cirkd"
+    (BatchNorm in the pooling branch, dropout 0.1 before the classifier) or "mmseg" (ASPP
+    without projection, pooled branch first, the 3x3 conv over the concatenation, Dropout2d 0.1);
+    see the module doc."""
 
     def __init__(
         self,
@@ -141,11 +174,23 @@ class DeepLabV3Head(nn.Module):
         variant: str = "torchvision",
     ) -> None:
         super().__init__()
-        cirkd = _check_variant(variant)
+        variant = _check_variant(variant)
+        mmseg = variant == "mmseg"
         self.channels = channels
-        self.aspp = ASPP(in_channels, channels, rates, pool_bn=cirkd)
-        self.conv = _conv_bn_relu(channels, channels, 3)
-        self.dropout = nn.Dropout(0.1) if cirkd else nn.Identity()
+        self.aspp = ASPP(
+            in_channels,
+            channels,
+            rates,
+            pool_bn=variant != "torchvision",
+            project=not mmseg,
+            pool_first=mmseg,
+        )
+        self.conv = _conv_bn_relu(self.aspp.out_channels, channels, 3)
+        self.dropout = {
+            "torchvision": nn.Identity,
+            "cirkd": lambda: nn.Dropout(0.1),
+            "mmseg": lambda: nn.Dropout2d(0.1),
+        }[variant]()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self)
         init_classifier(self.classifier)
@@ -160,7 +205,8 @@ class PSPHead(nn.Module):
     """PSPNet (Zhao et al., CVPR 2017): pyramid pooling over `bins`, concatenated with the input,
     a 3x3 bottleneck conv (-> embed), dropout 0.1, a 1x1 classifier. The pyramid branches have
     `channels` channels, or with variant "cirkd" in_channels // 4 (and BatchNorm in the global
-    branch, align_corners=True upsampling; see the module doc)."""
+    branch, align_corners=True upsampling); variant "mmseg": `channels`, BatchNorm in every
+    branch, Dropout2d (see the module doc)."""
 
     def __init__(
         self,
@@ -171,14 +217,16 @@ class PSPHead(nn.Module):
         variant: str = "torchvision",
     ) -> None:
         super().__init__()
-        cirkd = _check_variant(variant)
+        variant = _check_variant(variant)
+        cirkd = variant == "cirkd"
         self.channels = channels
         branch = in_channels // 4 if cirkd else channels
+        bn = variant != "torchvision"
         self.stages = nn.ModuleList(
-            _PoolBranch(in_channels, branch, b, bn=cirkd, align_corners=cirkd) for b in bins
+            _PoolBranch(in_channels, branch, b, bn=bn, align_corners=cirkd) for b in bins
         )
         self.bottleneck = _conv_bn_relu(in_channels + len(bins) * branch, channels, 3)
-        self.dropout = nn.Dropout(0.1)
+        self.dropout = nn.Dropout2d(0.1) if variant == "mmseg" else nn.Dropout(0.1)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self)
         init_classifier(self.classifier)
@@ -190,12 +238,16 @@ class PSPHead(nn.Module):
 
 
 class FCNAuxHead(nn.Module):
-    """Auxiliary FCN head for deep supervision on layer3: 3x3 conv, BN, ReLU, dropout 0.1, 1x1."""
+    """Auxiliary FCN head for deep supervision on layer3: 3x3 conv, BN, ReLU, dropout 0.1, 1x1.
+    variant "mmseg": Dropout2d (mmseg's decode_head.py line 159), the rest the same."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 256) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, channels: int = 256, variant: str = "torchvision"
+    ) -> None:
         super().__init__()
+        variant = _check_variant(variant)
         self.conv = _conv_bn_relu(in_channels, channels, 3)
-        self.dropout = nn.Dropout(0.1)
+        self.dropout = nn.Dropout2d(0.1) if variant == "mmseg" else nn.Dropout(0.1)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self)
         init_classifier(self.classifier)

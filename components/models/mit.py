@@ -30,7 +30,9 @@ State-dict names are the release's (`patch_embed1.proj.weight`, `block1.0.attn.s
 `block4.1.mlp.dwconv.dwconv.weight`, `norm4.bias`, ...), so `mit_b*.pth` files and the encoder of
 SegFormer checkpoints (under `backbone.`) load; the release's ImageNet classifier `head.*` is not
 part of the encoder. Like the release, block and stage LayerNorms use eps 1e-6 while the patch
-embedding and spatial-reduction LayerNorms keep PyTorch's 1e-5.
+embedding and spatial-reduction LayerNorms keep PyTorch's 1e-5 (HuggingFace's port uses 1e-5
+throughout). `mit_state_from_huggingface` renames HuggingFace transformers' `SegformerEncoder`
+tensors to these names (components/models/convert_segformer.py loads whole HF checkpoints).
 
 `width` scales the channels for CPU tests: every stage has a head dimension of 32 (B0) or 64
 (B1-B5), which becomes max(8, round(head_dim * width)), and a stage's channels are its heads
@@ -40,9 +42,11 @@ times that, so they stay divisible by the head count. width=1 gives the publishe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -331,3 +335,74 @@ def load_pretrained_mit(
     or shares no key with the model.
     """
     return load_weights_file(model, path, "head.", "the MiT encoder", partial)
+
+
+# HuggingFace transformers' SegformerEncoder names -> ours (the release's), from
+# src/transformers/models/segformer/modeling_segformer.py (v4.46.3): SegformerOverlapPatchEmbeddings
+# `proj`, `layer_norm` (lines 122-130); SegformerEfficientSelfAttention `query`, `key`, `value`,
+# `sr`, `layer_norm` (160-171) under SegformerAttention `self`, SegformerSelfOutput `dense` (226)
+# under `output`; SegformerMixFFN `dense1`, `dwconv.dwconv`, `dense2` (276, 291-297);
+# SegformerLayer `layer_norm_1`, `attention`, `layer_norm_2`, `mlp` (315-325); SegformerEncoder
+# ModuleLists `patch_embeddings`, `block`, `layer_norm` (372, 395, 398). The same renaming, read the
+# other way, is convert_segformer_original_to_pytorch.py `rename_keys` (lines 40-88). `{s}` is
+# the 1-based stage of HF's 0-based index.
+_HF_ENCODER_RULES = (
+    (r"patch_embeddings\.(\d+)\.proj\.", "patch_embed{s}.proj."),
+    (r"patch_embeddings\.(\d+)\.layer_norm\.", "patch_embed{s}.norm."),
+    (r"block\.(\d+)\.(\d+)\.layer_norm_([12])\.", "block{s}.{j}.norm{k}."),
+    (r"block\.(\d+)\.(\d+)\.attention\.self\.query\.", "block{s}.{j}.attn.q."),
+    (r"block\.(\d+)\.(\d+)\.attention\.self\.sr\.", "block{s}.{j}.attn.sr."),
+    (r"block\.(\d+)\.(\d+)\.attention\.self\.layer_norm\.", "block{s}.{j}.attn.norm."),
+    (r"block\.(\d+)\.(\d+)\.attention\.output\.dense\.", "block{s}.{j}.attn.proj."),
+    (r"block\.(\d+)\.(\d+)\.mlp\.dense1\.", "block{s}.{j}.mlp.fc1."),
+    (r"block\.(\d+)\.(\d+)\.mlp\.dwconv\.dwconv\.", "block{s}.{j}.mlp.dwconv.dwconv."),
+    (r"block\.(\d+)\.(\d+)\.mlp\.dense2\.", "block{s}.{j}.mlp.fc2."),
+    (r"layer_norm\.(\d+)\.", "norm{s}."),
+)
+# HF splits the release's `kv` Linear into `key` (its first C output rows) and `value` (the last
+# C): convert_segformer_original_to_pytorch.py `read_in_k_v` (lines 91-108).
+_HF_KEY_VALUE = re.compile(r"block\.(\d+)\.(\d+)\.attention\.self\.(key|value)\.(weight|bias)$")
+
+
+def _hf_encoder_key(key: str) -> str | None:
+    for pattern, template in _HF_ENCODER_RULES:
+        m = re.match(pattern, key)
+        if m is not None:
+            groups = m.groups() + (None, None)
+            s, j, k = int(groups[0]) + 1, groups[1], groups[2]
+            return template.format(s=s, j=j, k=k) + key[m.end() :]
+    return None
+
+
+def mit_state_from_huggingface(
+    state: Mapping[str, Tensor], origins: dict[str, str] | None = None
+) -> tuple[dict[str, Tensor], list[str]]:
+    """HuggingFace `SegformerEncoder` tensors (names without the `segformer.encoder.` prefix,
+    e.g. `block.0.1.attention.self.query.weight`) -> (our MiT names, e.g.
+    `block1.1.attn.q.weight`; the file keys no rule places). Each block's `key` and `value`
+    Linears become our `attn.kv` (key rows first); a `key` without its `value` (or one of another
+    shape) has no place. `origins`, when given, is filled with our name -> the HF name(s)."""
+    origins = {} if origins is None else origins
+    out: dict[str, Tensor] = {}
+    unmatched: list[str] = []
+    pairs: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    for key, value in state.items():
+        kv = _HF_KEY_VALUE.match(key)
+        if kv is not None:
+            stage, block, which, leaf = kv.groups()
+            name = f"block{int(stage) + 1}.{block}.attn.kv.{leaf}"
+            pairs.setdefault(name, {})[which] = (key, value)
+            continue
+        new = _hf_encoder_key(key)
+        if new is None:
+            unmatched.append(key)
+        else:
+            out[new] = value
+            origins[new] = key
+    for name, pair in pairs.items():
+        if set(pair) == {"key", "value"} and pair["key"][1].shape == pair["value"][1].shape:
+            out[name] = torch.cat([pair["key"][1], pair["value"][1]], dim=0)
+            origins[name] = f"{pair['key'][0]} + {pair['value'][0]}"
+        else:
+            unmatched += [k for k, _ in pair.values()]
+    return out, unmatched

@@ -19,16 +19,42 @@ conv has dilation 1 (d = 1 or 2) or 2 (d = 4) and whose second 3x3 conv (BasicBl
 has d. For Bottleneck, whose only 3x3 conv takes the first value, the rule equals torchvision's.
 Key names stay top-level (`conv1`, `bn1`, `conv2`, ..., `layer1.0.downsample.0.weight`), as
 CIRKD's backbone under its `pretrained.` prefix, so its `resnet18-imagenet.pth` loads as is.
+
+`variant="mmseg"` is mmsegmentation's ResNetV1c as its "-d8" / "-d16" segmentation configs build
+it (open-mmlab/mmsegmentation v1.2.2, mmseg/models/backbones/resnet.py: `ResNetV1c` lines
+689-699 = `deep_stem=True, avg_down=False`; `_make_stem_layer` lines 591-624; configs
+_base_/models/deeplabv3_r50-d8.py lines 14-24: strides (1, 2, 1, 1), dilations (1, 1, 2, 4),
+`contract_dilation=True`): a three-conv 3x3 stem at half then full stem width (3->32 stride 2,
+32->32, 32->64 at width 1, each BN + ReLU; mmseg's keys `stem.{0,1,3,4,6,7}`, ours `conv1 bn1
+conv2 bn2 conv3 bn3` as the cirkd variant), so layer1 starts from 64 channels as torchvision's.
+Dilation (mmseg/models/utils/res_layer.py lines 67-95): the first block of a stage of dilation
+d > 1 gets d // 2, the others d, which at output stride 8 or 16 is torchvision's rule; mmseg's
+BasicBlock never dilates its second conv (resnet.py lines 49-50: `padding=1`, no dilation), so
+ResNet-18/34 differ from torchvision's rule there. `stem_key` renames mmseg's `stem.N` keys to
+ours, so `load_pretrained_backbone` takes mmseg's ImageNet `resnet50_v1c` files as they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+# mmseg's deep stem (`stem` = conv, BN, ReLU, conv, BN, ReLU, conv, BN, ReLU) -> our names.
+MMSEG_STEM = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
+
+
+def stem_key(key: str) -> str:
+    """`stem.{0,1,3,4,6,7}.X` (mmseg's ResNetV1c) -> `{conv1,bn1,conv2,bn2,conv3,bn3}.X`; any
+    other key unchanged."""
+    m = re.match(r"stem\.(\d+)\.", key)
+    if m is None or m.group(1) not in MMSEG_STEM:
+        return key
+    return f"{MMSEG_STEM[m.group(1)]}." + key[m.end() :]
 
 
 def init_weights(module: nn.Module) -> None:
@@ -117,11 +143,12 @@ class ResNet(nn.Module):
     block: BasicBlock or Bottleneck; layers: blocks per stage, (2, 2, 2, 2) for ResNet-18,
     (3, 4, 6, 3) for 34/50, (3, 4, 23, 3) for 101. width: channel multiplier (base 64 becomes
     max(8, round(64 * width))). output_stride: 8 (layer3 and layer4 dilated) or 16 (layer4).
-    variant: "torchvision" (7x7 stem, torchvision's dilation rule) or "cirkd" (deep stem and
-    CIRKD's dilation rule, see the module docstring).
+    variant: "torchvision" (7x7 stem, torchvision's dilation rule), "cirkd" (deep stem and
+    CIRKD's dilation rule) or "mmseg" (ResNetV1c's deep stem and mmseg's dilation rule), see the
+    module docstring.
     """
 
-    VARIANTS = ("torchvision", "cirkd")
+    VARIANTS = ("torchvision", "cirkd", "mmseg")
 
     def __init__(
         self,
@@ -142,17 +169,20 @@ class ResNet(nn.Module):
         dilate = (False, False, output_stride == 8, True)
         self.output_stride = output_stride
         self.variant = variant
-        self.deep_stem = variant == "cirkd"
+        self.deep_stem = variant in ("cirkd", "mmseg")
         self._dilation = 1
         if self.deep_stem:
-            # resnetv1b.py lines 103-111: 3x3/2 3->64, 3x3 64->64, 3x3 64->128, each BN + ReLU.
-            self.conv1 = _conv3x3(3, base, stride=2)
-            self.bn1 = nn.BatchNorm2d(base)
-            self.conv2 = _conv3x3(base, base)
-            self.bn2 = nn.BatchNorm2d(base)
-            self.conv3 = _conv3x3(base, 2 * base)
-            self.bn3 = nn.BatchNorm2d(2 * base)
-            self._inplanes = 2 * base
+            # cirkd, resnetv1b.py lines 103-111: 3x3/2 3->64, 3x3 64->64, 3x3 64->128.
+            # mmseg, resnet.py lines 591-624 (stem_channels 64): 3x3/2 3->32, 32->32, 32->64.
+            # Each conv is followed by BN + ReLU.
+            mid, out = (base, 2 * base) if variant == "cirkd" else (base // 2, base)
+            self.conv1 = _conv3x3(3, mid, stride=2)
+            self.bn1 = nn.BatchNorm2d(mid)
+            self.conv2 = _conv3x3(mid, mid)
+            self.bn2 = nn.BatchNorm2d(mid)
+            self.conv3 = _conv3x3(mid, out)
+            self.bn3 = nn.BatchNorm2d(out)
+            self._inplanes = out
         else:
             self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
             self.bn1 = nn.BatchNorm2d(base)
@@ -186,14 +216,23 @@ class ResNet(nn.Module):
                 nn.Conv2d(self._inplanes, out, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(out),
             )
+        second = None  # a BasicBlock's second conv: the block's dilation
         if self.variant == "cirkd":
             # resnetv1b.py lines 152-162: dilation 1 or 2 -> first conv 1, 4 -> 2; then d.
             first = 1 if self._dilation in (1, 2) else 2
             layers = [block(self._inplanes, planes, stride, first, downsample, self._dilation)]
+        elif self.variant == "mmseg":
+            # res_layer.py lines 68-72 (contract_dilation): the first block d // 2 when d > 1;
+            # resnet.py lines 49-50: BasicBlock's second conv is never dilated.
+            second = 1
+            first = self._dilation // 2 if self._dilation > 1 else 1
+            layers = [block(self._inplanes, planes, stride, first, downsample, second)]
         else:
             layers = [block(self._inplanes, planes, stride, previous_dilation, downsample)]
         self._inplanes = out
-        layers += [block(out, planes, 1, self._dilation) for _ in range(1, blocks)]
+        layers += [
+            block(out, planes, 1, self._dilation, dilation2=second) for _ in range(1, blocks)
+        ]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -238,22 +277,30 @@ def load_pretrained_backbone(
 ) -> dict[str, list[str]]:
     """Load a local torchvision-format ResNet state_dict file into `backbone` (non-strict).
 
-    The file may hold the state dict itself or a dict with a "state_dict" or "model" entry;
-    leading "module." / "backbone." prefixes are stripped and `fc.*` is ignored. Tensors whose
+    The file may hold the state dict itself or a dict with a "state_dict" or "model" entry
+    (mmseg's files: {"meta": ..., "state_dict": ...}); leading "module." / "backbone." prefixes
+    are stripped, mmseg's deep-stem keys `stem.N.*` renamed to ours (`stem_key`) and `fc.*`
+    ignored. Tensors whose
     shape differs from the model's are skipped. Returns {"missing": model keys absent from the
     file, "unexpected": file keys the model lacks, "mismatched": keys skipped for their shape}.
     Raises ValueError naming the file when it is unreadable, not a state dict, or shares no key
     with the model, and, unless `partial`, when any backbone tensor is missing from it or has
     another shape (e.g. a deep-stem ResNet-V1c file, as CIRKD's `resnet18-imagenet.pth`).
     """
-    return load_weights_file(backbone, path, "fc.", "the backbone", partial)
+    return load_weights_file(backbone, path, "fc.", "the backbone", partial, rename=stem_key)
 
 
 def load_weights_file(
-    module: nn.Module, path: str, ignore_prefix: str, what: str, partial: bool = False
+    module: nn.Module,
+    path: str,
+    ignore_prefix: str,
+    what: str,
+    partial: bool = False,
+    rename: Callable[[str], str] | None = None,
 ) -> dict[str, list[str]]:
     """The loader behind the backbones' `load_pretrained_*`: read `path` (weights only), unwrap
-    and strip prefixes, drop keys starting with `ignore_prefix` (an ImageNet classifier), load
+    and strip prefixes (then apply `rename`, when given, to each key), drop keys starting with
+    `ignore_prefix` (an ImageNet classifier), load
     the tensors whose name and shape match into `module` and report the rest. Unless `partial`,
     a model tensor the file lacks or holds in another shape is an error naming them (nothing is
     loaded); keys the model lacks (a segmentation head) are only reported. `what` names the
@@ -265,6 +312,8 @@ def load_weights_file(
     loaded = {}
     for key, value in _unwrap(obj, path).items():
         key = _strip(key)
+        if rename is not None:
+            key = rename(key)
         if not key.startswith(ignore_prefix):
             loaded[key] = value
     own = module.state_dict()

@@ -237,7 +237,8 @@ def teacher_training_config(cfg: Config) -> Config:
 
 
 def _check_teacher_classes(state: dict, num_classes: int, source: str) -> None:
-    weight = state.get("head.classifier.weight")
+    # SegFormer's head names its classifier linear_pred (NVlabs' segformer_head.py)
+    weight = state.get("head.classifier.weight", state.get("head.linear_pred.weight"))
     if weight is None:
         weight = next((v for k, v in state.items() if k.endswith("classifier.weight")), None)
     if weight is None:
