@@ -266,6 +266,7 @@ def validate(cfg: Config) -> None:
         "must be embed, high or low",
     )
     _check(ss.evaluate in ("student", "ema"), "method.semisup.evaluate", "must be student or ema")
+    _validate_labeled_loss(ss, d)
     _validate_weakly(cfg)
     regime.validate(cfg)  # its weights, its own checks, no key of another regime's section
     if d.labeled_count is not None:
@@ -307,6 +308,38 @@ def _crop_ok(crop: Any) -> bool:
     if isinstance(crop, (list, tuple)) and len(crop) == 2:
         return all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in crop)
     return False
+
+
+def _validate_labeled_loss(ss: SemiSupConfig, d) -> None:
+    """`method.semisup.labeled_loss` and UniMatch's OHEM settings (components/semisup/ohem.py),
+    and `loss_scale`."""
+    _check(
+        ss.labeled_loss in ("ce", "ohem"),
+        "method.semisup.labeled_loss",
+        f"must be ce or ohem, got '{ss.labeled_loss}'",
+    )
+    _check(
+        0 < ss.ohem_threshold <= 1,
+        "method.semisup.ohem_threshold",
+        f"must be in (0, 1] (a probability), got {ss.ohem_threshold}",
+    )
+    _check(
+        ss.ohem_min_kept >= 0,
+        "method.semisup.ohem_min_kept",
+        f"must be >= 0 (pixels of a worker's labeled batch), got {ss.ohem_min_kept}",
+    )
+    _check(ss.loss_scale > 0, "method.semisup.loss_scale", f"must be > 0, got {ss.loss_scale}")
+    if ss.labeled_loss == "ohem" and isinstance(d.crop_size, (int, list, tuple)):
+        h, w = (d.crop_size, d.crop_size) if isinstance(d.crop_size, int) else d.crop_size
+        pixels = h * w * d.batch_size
+        _check(
+            ss.ohem_min_kept <= pixels,
+            "method.semisup.ohem_min_kept",
+            f"{ss.ohem_min_kept} is more than the {pixels} pixels of a worker's labeled batch "
+            f"(data.batch_size {d.batch_size} x crop {h}x{w}), so OHEM would never select "
+            "(UniMatch's ProbOhemCrossEntropy2d then falls back to plain CE): lower it "
+            "(UniMatch's 200000 is for 2 x 801 x 801 per GPU) or use labeled_loss=ce",
+        )
 
 
 def _check_name(name: str, key: str) -> None:

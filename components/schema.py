@@ -183,6 +183,16 @@ class SemiSupConfig:
     style_memory_momentum: float | None = None  # None: the labeled batch's statistics
     feature: str = "embed"  # the feature map of relation and style: embed, high or low
     evaluate: str = "student"  # which model is evaluated and exported: student or ema
+    # The labeled criterion (ce and aux): "ce", or "ohem", UniMatch's Cityscapes criterion
+    # (components/semisup/ohem.py): mean CE over the labeled pixels whose true-class probability
+    # is <= ohem_threshold, or over the ohem_min_kept hardest ones if that is more (0: no
+    # selection). min_kept counts the pixels of one worker's labeled batch (UniMatch's: of one
+    # GPU's, 2 x 801 x 801 for its 200000).
+    labeled_loss: str = "ce"
+    ohem_threshold: float = 0.7
+    ohem_min_kept: int = 200000
+    # Multiplies every term (the whole objective); 0.5 is UniMatch's (loss_x + loss_u) / 2.
+    loss_scale: float = 1.0
 
 
 @dataclass

@@ -11,8 +11,20 @@ Relation. Features Z (B, C, h, w); every channel is L2-normalised over its h·w 
     R(l, u) = softmax_row(Ẑ_l Ẑ_uᵀ / τ),    Ẑ_l, Ẑ_u ∈ R^{C × hw}.
 
 The EMA teacher's R (on the labeled image and the *weak* unlabeled view) is the target of the
-student's R (same labeled image, *strong* unlabeled view):  L_rel = τ² · mean_{pairs, rows}
+student's R (same labeled image, *strong* unlabeled view):  L_rel = mean_{pairs, rows}
 KL(R_t ‖ R_s).
+
+Scale: CIRKDv2's channel relation (winycg/CIRKD@dab64db losses/cirkd_channel.py L111-126: rows
+of L2-normalised channels, `F.kl_div(log_softmax(S/τ), softmax(T/τ), reduction='batchmean')`,
+i.e. the row-KL summed and divided by the C rows, averaged over the B² image pairs) has no τ²
+factor, and neither has CIRKD's pixel relation (losses/cirkd_mini_batch.py L82-87); its τ is
+`--contrast-temperature` 0.1 (train_cirkdv2.py L86) at weight `--lambda-minibatch-channel` 1
+(L92; every scripts/train_cirkdv2/*.sh). τ² appears there only on the memory terms, at their
+own temperature `--contrast-kd-temperature` 1 (cirkd_channel.py L92, cirkd_memory.py L116), where
+it is 1. So L_rel here is CIRKDv2's per-pair value without τ², and a weight means what
+`lambda_minibatch_channel` means there. Until issue 21 (item 10) this loss carried τ² (0.01 at
+τ = 0.1), so the method's row weight 0.01 (components/regimes.py) trains exactly as the former
+weight 1 did; CIRKDv2's own weight is 1.
 
 Style. Per-channel mean and standard deviation over space (AdaIN statistics) of the student's
 unlabeled features are pulled (MSE) to those of the labeled features: the labeled batch's mean
@@ -50,7 +62,8 @@ def relation_matrix(z_l: Tensor, z_u: Tensor, temperature: float) -> Tensor:
 def relation_loss(
     teacher_l: Tensor, teacher_u: Tensor, student_l: Tensor, student_u: Tensor, temperature: float
 ) -> Tensor:
-    """τ² · mean over pairs and rows of KL(R_t ‖ R_s); gradients reach only the student features.
+    """Mean over pairs and rows of KL(R_t ‖ R_s), without a τ² factor (CIRKDv2's scale: module
+    docstring); gradients reach only the student features.
 
     All four are (P, C, h, w) with pair k = (labeled k, unlabeled k). Zero when the student's
     relations equal the teacher's, positive otherwise.
@@ -59,7 +72,7 @@ def relation_loss(
         log_t = relation_logits(teacher_l, teacher_u, temperature).log_softmax(dim=-1)
     log_s = relation_logits(student_l, student_u, temperature).log_softmax(dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(dim=-1)  # (P, C)
-    return temperature**2 * kl.mean()
+    return kl.mean()
 
 
 def style_statistics(z: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:

@@ -19,10 +19,14 @@ ablations are config switches. One step, with B_l labeled and B_u unlabeled imag
    previous batch exists (the first step of a run or of a resume: it is not checkpointed) the
    partner is the batch rolled by one, and a batch of one is not mixed on that step.
 3. The student runs once on [labeled; strong unlabeled] (one forward, so BatchNorm sees both and
-   DDP sees one call). Terms: `ce` (+`aux`) on the labeled masks, `unsup` on the pseudo labels
+   DDP sees one call). Terms: `ce` (+`aux`) on the labeled masks (plain CE, or UniMatch's OHEM
+   criterion with `labeled_loss: ohem`: `ohem.ohem_ce`), `unsup` on the pseudo labels
    (divided by the real pixels, as UniMatch: `fixmatch.confident_ce`),
    `relation` on pairs (labeled k, unlabeled k) for k < min(B_l, B_u), `style` of the
-   unlabeled features against the labeled statistics.
+   unlabeled features against the labeled statistics. Every term is multiplied by `loss_scale`
+   (1; 0.5 is UniMatch's `loss = (loss_x + loss_u_s) / 2.0`, LiheYoung/UniMatch@0324f3d
+   fixmatch.py L166, and unimatch.py L188 halves its four terms likewise), so the reported terms
+   still add up to `loss`; the cross-image terms are inside the halving too.
 4. After the optimizer step the loop calls `after_step()`: the EMA update.
 
 The unlabeled rows' masks (when a dataset has them) arrive as `u_mask` and are used for one
@@ -46,6 +50,7 @@ from components.semisup.cross_image import (
 )
 from components.semisup.ema import EMATeacher
 from components.semisup.fixmatch import confident_ce, cutmix, cutmix_boxes, pseudo_labels
+from components.semisup.ohem import ohem_ce
 
 
 class SemiSupervised(MethodBase):
@@ -69,6 +74,9 @@ class SemiSupervised(MethodBase):
         unlabeled = ("unsup", "relation", "style")
         self.weights = {k: v for k, v in weights.items() if k in unlabeled and v > 0}
         self.threshold = s.threshold
+        self.labeled_loss = s.labeled_loss
+        self.ohem = (s.ohem_threshold, s.ohem_min_kept)
+        self.loss_scale = s.loss_scale
         self.cutmix_prob = s.cutmix_prob if "cutmix" in s.strong else 0.0
         self.temperature = s.relation_temperature
         self.feature = s.feature
@@ -137,9 +145,7 @@ class SemiSupervised(MethodBase):
 
         out = self.trainable(torch.cat([image, strong]))
         labeled_out = {k: out[k][:b_l] for k in ("logits", "aux_logits") if k in out}
-        terms = supervised_terms(
-            labeled_out, mask, self.ce_weight, self.aux_weight, self.ignore_index
-        )
+        terms = self._labeled_terms(labeled_out, mask)
         feat = out["features"][self.feature]
         s_feat_l, s_feat_u = feat[:b_l], feat[b_l:]
         if "unsup" in self.weights:
@@ -162,6 +168,8 @@ class SemiSupervised(MethodBase):
                 if self.style_memory is not None:
                     target = self.style_memory.update(*target)
             terms["style"] = self.weights["style"] * style_loss(s_feat_u, *target)
+        if self.loss_scale != 1.0:  # UniMatch's (loss_x + loss_u) / 2 at 0.5 (module docstring)
+            terms = {k: self.loss_scale * v for k, v in terms.items()}
         terms["loss"] = sum(terms.values())
 
         with torch.no_grad():  # diagnostics only
@@ -170,6 +178,21 @@ class SemiSupervised(MethodBase):
                 known = confident & (truth != self.ignore_index)
                 if bool(known.any()):
                     terms["pseudo_acc"] = (labels[known] == truth[known]).float().mean()
+        return terms
+
+    def _labeled_terms(self, out: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+        """`ce` (+ `aux`) on the labeled images: plain CE, or UniMatch's OHEM criterion
+        (`method.semisup.labeled_loss: ohem`, components/semisup/ohem.py) on the main and the
+        aux logits alike, over this worker's labeled batch."""
+        if self.labeled_loss == "ce":
+            return supervised_terms(out, mask, self.ce_weight, self.aux_weight, self.ignore_index)
+        threshold, min_kept = self.ohem
+        ce = ohem_ce(out["logits"], mask, threshold, min_kept, self.ignore_index)
+        terms = {"ce": self.ce_weight * ce}
+        if "aux_logits" in out and self.aux_weight > 0:
+            terms["aux"] = self.aux_weight * ohem_ce(
+                out["aux_logits"], mask, threshold, min_kept, self.ignore_index
+            )
         return terms
 
     @torch.no_grad()

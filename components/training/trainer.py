@@ -169,6 +169,10 @@ NAMED_WHEN_SET: dict[str, object] = {
 REGIME_ONLY: dict[str, tuple[str, object]] = {
     "method.weakly.freeze_backbone_norms": ("wsss", False),
     "method.weakly.propagate_after": ("wsss", None),
+    "method.semisup.labeled_loss": ("semisup", "ce"),
+    "method.semisup.ohem_threshold": ("semisup", 0.7),
+    "method.semisup.ohem_min_kept": ("semisup", 200000),
+    "method.semisup.loss_scale": ("semisup", 1.0),
 }
 
 

@@ -91,6 +91,22 @@ def test_two_workers_labeled_count_then_resume_with_the_same_ema_teacher(
     assert any(not torch.equal(ema_1[k], second["method"]["ema"]["model"][k]) for k in ema_1)
 
 
+def test_unimatch_objective_end_to_end(ray_session, semisup_data, tiny_overrides, tmp_path):
+    """OHEM on the labeled batch and the halved objective (the Cityscapes protocol's keys,
+    issue 21 item 9) reach the workers: one epoch trains and reports every term."""
+    storage = tmp_path / "out"
+    extra = {
+        "method.semisup.labeled_loss": "ohem",
+        "method.semisup.ohem_min_kept": "1000",  # of the 4 x 32 x 32 = 4096 labeled pixels
+        "method.semisup.loss_scale": "0.5",
+    }
+    assert semisup.main(_args(tiny_overrides, semisup_data, storage, **extra)) == 0
+    m = read_meta(resolve_checkpoint(_run(storage, "semisup-cross_image")))["metrics"]
+    for term in ("ce", "unsup", "relation", "style"):
+        assert term in m and m[term] >= 0.0, term
+    assert 0.0 <= m["miou"] <= 1.0
+
+
 def test_comparison_runs_as_many_steps():
     """--baselines / the embedded default: supervised-only repeats the labeled rows per epoch."""
     from components.regimes import SEMI_SUPERVISED
@@ -150,6 +166,13 @@ def test_bad_inputs_fail_before_training(
     assert "sstkd is supervised; run it with pipelines/distill.py" in capsys.readouterr().err
     assert semisup.main([*base, "method.semisup.strong=[mixup]"]) == 2
     assert "method.semisup.strong" in capsys.readouterr().err
+    # UniMatch's OHEM at its Cityscapes min_kept (200000) on 4 crops of 32 px (4096 pixels):
+    # it could never select, so the run is refused before Ray trains anything.
+    assert semisup.main([*base, "method.semisup.labeled_loss=ohem"]) == 2
+    err = capsys.readouterr().err
+    assert "'method.semisup.ohem_min_kept': 200000 is more than the 4096 pixels" in err
+    assert semisup.main([*base, "method.semisup.loss_scale=0"]) == 2
+    assert "method.semisup.loss_scale" in capsys.readouterr().err
     assert not storage.exists() or not any(storage.rglob("meta.json"))
 
 

@@ -65,10 +65,41 @@ def test_relation_loss_hand_computed():
     a = np.e / (np.e + 1)
     expected = a * np.log(2 * a) + (1 - a) * np.log(2 * (1 - a))
     assert float(relation_loss(z_l, z_l, z_l, z_s, 1.0)) == pytest.approx(expected, rel=1e-5)
-    # τ² scaling: the same inputs at τ = 0.5 give 0.25 × the KL of the τ = 0.5 softmaxes.
+    # No τ² factor (CIRKDv2's scale): at τ = 0.5 the KL of the τ = 0.5 softmaxes, as it is.
     a2 = np.exp(2) / (np.exp(2) + 1)
-    expected2 = 0.25 * (a2 * np.log(2 * a2) + (1 - a2) * np.log(2 * (1 - a2)))
+    expected2 = a2 * np.log(2 * a2) + (1 - a2) * np.log(2 * (1 - a2))
     assert float(relation_loss(z_l, z_l, z_l, z_s, 0.5)) == pytest.approx(expected2, rel=1e-5)
+
+
+def test_relation_scale_is_cirkdv2s_at_tau_0_1():
+    """Issue 21 item 10. The same case at τ = 0.1: teacher rows softmax([10, 0]), so
+    a = 1 / (1 + e^-10) = 0.9999546, and the student's rows are uniform: KL = ln 2 + a ln a +
+    (1 - a) ln(1 - a) = 0.693147 - 0.0000454 - 0.0004540 = 0.692648. That is CIRKDv2's
+    per-pair channel relation (winycg/CIRKD losses/cirkd_channel.py L117-126: KL of the row
+    softmaxes at τ, `batchmean` over the C rows, no τ²), which its scripts weight by 1
+    (`--lambda-minibatch-channel 1.`). Before, this loss was τ² times that: 0.00692648."""
+    z_l = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]).unsqueeze(0)
+    z_s = torch.ones(1, 2, 1, 2)
+    a = 1 / (1 + np.exp(-10.0))
+    expected = np.log(2) + a * np.log(a) + (1 - a) * np.log(1 - a)
+    assert expected == pytest.approx(0.692648, abs=1e-6)
+    assert float(relation_loss(z_l, z_l, z_l, z_s, 0.1)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_relation_matches_cirkdv2s_channel_relation_per_pair():
+    """A NumPy transcription of CIRKDv2's formula (not its code) on random features, pair by
+    pair: rows of L2-normalised channels, softmax at τ, sum of p_t (ln p_t - ln p_s) over the
+    C x C entries divided by C (`batchmean`), averaged over the pairs."""
+    g = torch.Generator().manual_seed(4)
+    t_l, t_u, s_l, s_u = (torch.randn(3, 6, 4, 5, generator=g) for _ in range(4))
+    tau = 0.1
+    per_pair = []
+    for k in range(3):
+        p_t = _np_relation(t_l[k].numpy(), t_u[k].numpy(), tau)
+        p_s = _np_relation(s_l[k].numpy(), s_u[k].numpy(), tau)
+        per_pair.append((p_t * (np.log(p_t) - np.log(p_s))).sum() / p_t.shape[0])
+    got = float(relation_loss(t_l, t_u, s_l, s_u, tau))
+    assert got == pytest.approx(float(np.mean(per_pair)), rel=1e-4)
 
 
 def test_relation_gradient_reaches_only_the_student():

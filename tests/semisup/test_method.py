@@ -93,6 +93,59 @@ def test_weights_switch_terms_and_fixmatch_is_the_base():
     assert "relation" not in terms and "style" in terms
 
 
+def test_loss_scale_multiplies_every_term_and_the_gradient():
+    """`loss_scale: 0.5` is UniMatch's `(loss_x + loss_u) / 2` (fixmatch.py L166): every term
+    (cross-image ones too) and so the gradient are halved; the diagnostics are not."""
+    terms_a, grads_a = _step(_method(threshold=0.0), _batch())
+    terms_b, grads_b = _step(_method(threshold=0.0, loss_scale=0.5), _batch())
+    for key in ("ce", "aux", "unsup", "relation", "style", "loss"):
+        assert float(terms_b[key]) == pytest.approx(0.5 * float(terms_a[key]), rel=1e-6), key
+    for key in ("confident_share", "pseudo_acc"):
+        assert float(terms_b[key]) == float(terms_a[key]), key
+    total = sum(float(terms_b[k].detach()) for k in ("ce", "aux", "unsup", "relation", "style"))
+    assert float(terms_b["loss"].detach()) == pytest.approx(total, rel=1e-5)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, 0.5 * a, rtol=1e-5, atol=1e-8)
+
+
+def test_ohem_labeled_loss_on_main_and_aux_logits(monkeypatch):
+    """`labeled_loss: ohem` replaces ce and aux by UniMatch's OHEM CE over this worker's labeled
+    batch (2 images x 32 x 32 = 2048 pixels here); threshold 1 keeps every pixel (plain CE)."""
+    import components.semisup.method as method_module
+
+    plain, _ = _step(_method(threshold=0.0), _batch())
+    every, _ = _step(_method(threshold=0.0, labeled_loss="ohem", ohem_threshold=1.0), _batch())
+    for key in ("ce", "aux", "unsup", "loss"):
+        assert float(every[key]) == pytest.approx(float(plain[key]), rel=1e-5), key
+    calls = []
+    real = method_module.ohem_ce
+
+    def spy(logits, mask, threshold, min_kept, ignore_index):
+        calls.append((tuple(logits.shape), tuple(mask.shape), threshold, min_kept, ignore_index))
+        return real(logits, mask, threshold, min_kept, ignore_index)
+
+    monkeypatch.setattr(method_module, "ohem_ce", spy)
+    hard = _method(threshold=0.0, labeled_loss="ohem", ohem_threshold=0.05, ohem_min_kept=100)
+    mined, _ = _step(hard, _batch())
+    assert [c[1:] for c in calls] == [((2, 32, 32), 0.05, 100, 255)] * 2  # main, then aux
+    assert calls[0][0][0] == 2  # the labeled rows only
+    # The kept pixels are the least probable ones: their mean CE is above the plain mean.
+    assert float(mined["ce"]) > float(plain["ce"])
+    assert float(mined["aux"]) > float(plain["aux"])
+    assert float(mined["unsup"]) == pytest.approx(float(plain["unsup"]), rel=1e-5)
+
+
+def test_default_relation_weight_is_the_former_weight_1_times_tau_squared():
+    """Issue 21 item 10: the relation loss dropped its τ² factor (CIRKDv2's scale, where the
+    weight is 1); the method's row weight 0.01 = 1 x τ² at the default τ = 0.1, so the default
+    `cross_image` run's relation term is what it was."""
+    cfg = Config(method=MethodConfig(name="cross_image"))
+    assert SEMI_SUPERVISED.weights(cfg)["relation"] == 0.01
+    assert 0.01 == pytest.approx(SemiSupConfig().relation_temperature ** 2, rel=1e-12)
+    method = _method(threshold=0.0)
+    assert method.weights["relation"] == 0.01
+
+
 def test_invalid_unlabeled_rows_give_no_pseudo_labels():
     method = _method(threshold=0.0)
     batch = _batch()
@@ -160,10 +213,19 @@ def test_config_validation():
         ({"strong": ["mixup"]}, "method.semisup.strong"),
         ({"feature": "logits"}, "method.semisup.feature"),
         ({"evaluate": "teacher"}, "method.semisup.evaluate"),
+        ({"labeled_loss": "focal"}, "method.semisup.labeled_loss"),
+        ({"ohem_threshold": 0.0}, "method.semisup.ohem_threshold"),
+        ({"ohem_threshold": 1.2}, "method.semisup.ohem_threshold"),
+        ({"ohem_min_kept": -1}, "method.semisup.ohem_min_kept"),
+        ({"loss_scale": 0.0}, "method.semisup.loss_scale"),
+        # 8 labeled 48 px crops per worker = 18432 pixels: OHEM could never select.
+        ({"labeled_loss": "ohem", "ohem_min_kept": 18433}, "method.semisup.ohem_min_kept"),
     ):
         cfg = Config(method=MethodConfig(name="cross_image", semisup=SemiSupConfig(**change)))
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(cfg)
+    ok = SemiSupConfig(labeled_loss="ohem", ohem_threshold=1.0, ohem_min_kept=18432)
+    validate(Config(method=MethodConfig(name="cross_image", semisup=ok)))
     cfg = Config()
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labeled_count=0))
     with pytest.raises(ConfigError, match="data.labeled_count"):

@@ -11,8 +11,6 @@ from components.config import DataConfig
 from components.data.ingest import labeled_selection, plan_semisup, semisup_steps
 from components.data.shards import DatasetError, DatasetInfo, ShardWriter, encode_png, mask_labels
 from components.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     decode_unlabeled_batch,
     random_scale_crop_flip,
     strong_photometric,
@@ -240,14 +238,15 @@ def test_colour_jitter_is_torchvisions_on_pil():
         assert 0.5 <= factors.min() and factors.max() <= 1.5 and abs(hue) <= 0.25
         from PIL import ImageEnhance
 
+        def apply(op, im, factors=factors, hue=hue):
+            if op == 3:
+                return adjust_hue(im, hue)
+            enhance = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[op]
+            return enhance(im).enhance(factors[op])
+
         ref = image
         for op in order:
-            ref = [
-                lambda im: ImageEnhance.Brightness(im).enhance(factors[0]),
-                lambda im: ImageEnhance.Contrast(im).enhance(factors[1]),
-                lambda im: ImageEnhance.Color(im).enhance(factors[2]),
-                lambda im: adjust_hue(im, hue),
-            ][op](ref)
+            ref = apply(op, ref)
         assert np.array_equal(got, np.asarray(ref)), seed
 
     # Each op's result is stored as uint8: brightness x1.5 then x(1/1.5) of a 200 pixel clips
