@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_methods import Data, step_times
 
+from benchmarks.pretrained import CHOICES, pretrained_overrides
 from components.config import Config, merge_config
 from components.data.ingest import labeled_selection
 from components.data.transforms import decode_train_batch, decode_unlabeled_batch
@@ -123,9 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--pretrained",
+        choices=CHOICES,
+        default="synthetic",
+        help="backbones: the synthetic pretraining stage's (made once, cached) or from scratch",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.pretrained == "synthetic":
+        found = pretrained_overrides(merge_config(None, [*DEFAULTS, *args.overrides]), ["model"])
+        args.overrides = [*found, *args.overrides]
     base = merge_config(None, [*DEFAULTS, *args.overrides])
     data = Data(base)
     total = data.info.splits["train"].rows

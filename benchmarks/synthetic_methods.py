@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.pretrained import CHOICES, pretrained_overrides
 from components.config import Config, ModelConfig, merge_config
 from components.data.decode import decode_split
 from components.data.shards import read_split_table
@@ -151,9 +152,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-iters", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--pretrained",
+        choices=CHOICES,
+        default="synthetic",
+        help="backbones: the synthetic pretraining stage's (made once, cached) or from scratch",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.pretrained == "synthetic":
+        found = pretrained_overrides(merge_config(None, args.overrides), ["model", "teacher.model"])
+        args.overrides = [*found, *args.overrides]
     base = merge_config(None, args.overrides)
     data = Data(base)
 

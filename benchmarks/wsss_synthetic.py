@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_methods import step_times
 
+from benchmarks.pretrained import CHOICES, pretrained_overrides
 from components.config import Config, merge_config
 from components.data.decode import decode_split
 from components.data.shards import read_split_table
@@ -156,9 +157,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--diagnose-rows", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--pretrained",
+        choices=CHOICES,
+        default="synthetic",
+        help="backbones: the synthetic pretraining stage's (made once, cached) or from scratch",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.pretrained == "synthetic":
+        found = pretrained_overrides(merge_config(CONFIG, args.overrides), ["model"])
+        args.overrides = [*found, *args.overrides]
     base = merge_config(CONFIG, args.overrides)
     info = ensure_synthetic(base.data.root, base.data.synthetic)
     cols = ["id", "image", "mask", "image_labels"]

@@ -34,6 +34,7 @@ from components.schema import (
     REFINEMENTS,
     RESNETS,
     STRONG_AUGMENTATIONS,
+    SYNTHETIC_PRETRAINED,
     SYNTHETIC_ROOTS,
     AdversarialConfig,
     CDMConfig,
@@ -46,6 +47,7 @@ from components.schema import (
     MethodConfig,
     ModelConfig,
     OptimConfig,
+    PretrainConfig,
     SemiSupConfig,
     SyntheticConfig,
     TeacherConfig,
@@ -192,8 +194,12 @@ def _validate_model(m: ModelConfig, prefix: str) -> None:
     for key in ("head_channels", "aux_channels"):
         value = getattr(m, key)
         _check(value is None or value >= 1, f"{prefix}.{key}", f"must be >= 1, got {value}")
-    if m.pretrained is not None:
-        _check(Path(m.pretrained).is_file(), f"{prefix}.pretrained", f"no file {m.pretrained}")
+    if m.pretrained is not None and m.pretrained != SYNTHETIC_PRETRAINED:
+        _check(
+            Path(m.pretrained).is_file(),
+            f"{prefix}.pretrained",
+            f"no file {m.pretrained} ('{SYNTHETIC_PRETRAINED}': the synthetic pretraining stage)",
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -217,6 +223,7 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg.teacher.model, "teacher.model")
     _check(cfg.teacher.epochs >= 1, "teacher.epochs", "must be >= 1")
     _check(cfg.teacher.lr > 0, "teacher.lr", f"must be > 0, got {cfg.teacher.lr}")
+    _validate_pretrain(cfg.pretrain)
     m = cfg.method
     from components.regimes import regime_of
 
@@ -406,6 +413,21 @@ def _validate_weakly(cfg: Config) -> None:
     )
 
 
+def _validate_pretrain(p) -> None:
+    _check(
+        p.num_images >= p.batch_size >= 1,
+        "pretrain.num_images",
+        "need num_images >= batch_size >= 1",
+    )
+    _check(p.num_val >= 1, "pretrain.num_val", f"must be >= 1, got {p.num_val}")
+    _check(p.size >= 16, "pretrain.size", f"must be >= 16, got {p.size}")
+    _check(p.num_classes >= 2, "pretrain.num_classes", f"must be >= 2, got {p.num_classes}")
+    _check(p.epochs >= 1, "pretrain.epochs", f"must be >= 1, got {p.epochs}")
+    _check(p.lr is None or p.lr > 0, "pretrain.lr", f"must be > 0 (or null), got {p.lr}")
+    wd = p.weight_decay
+    _check(wd is None or wd >= 0, "pretrain.weight_decay", f"must be >= 0 (or null), got {wd}")
+
+
 def validate_against_dataset(cfg: Config, num_classes: int, source: str) -> None:
     """The config's class count (when given) must be the dataset's."""
     if cfg.data.num_classes is not None and cfg.data.num_classes != num_classes:
@@ -482,6 +504,7 @@ __all__ = [
     "RENAMED",
     "RESNETS",
     "STRONG_AUGMENTATIONS",
+    "SYNTHETIC_PRETRAINED",
     "SYNTHETIC_ROOTS",
     "AdversarialConfig",
     "CDMConfig",
@@ -494,6 +517,7 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "OptimConfig",
+    "PretrainConfig",
     "SemiSupConfig",
     "SyntheticConfig",
     "TeacherConfig",

@@ -37,6 +37,31 @@ class SyntheticConfig:
 # The roots of the pipelines' embedded defaults (distill, semisup, wsss), generated on first use.
 SYNTHETIC_ROOTS = ("data/synthetic", "data/synthetic_semisup", "data/synthetic_wsss")
 
+# `model.pretrained` (or the teacher's) set to this: the backbone pretrained by the synthetic
+# classification stage (`pretrain` below; components/training/pretrain.py), made on first use.
+SYNTHETIC_PRETRAINED = "synthetic"
+
+
+@dataclass
+class PretrainConfig:
+    """The embedded benchmark's stand-in for ImageNet weights: a backbone pretrained once by
+    multi-label image classification on its own synthetic image set (`root`; the same texture
+    generator with more classes and another seed, never the segmentation images), cached under
+    trainer.storage_path and loaded where `model.pretrained: synthetic`. docs/benchmarks.md."""
+
+    root: str = "data/synthetic_pretrain"
+    num_images: int = 4096
+    num_val: int = 256
+    size: int = 48
+    num_classes: int = 9  # background + 8 textures: the segmentation sets' first 4 among them
+    seed: int = 101
+    epochs: int = 20
+    batch_size: int = 32
+    # AdamW with poly decay (power 0.9) over all steps. lr None: 3e-3 for ResNet / MobileNetV2,
+    # 1e-3 for MiT; weight_decay None: 0.05.
+    lr: float | None = None
+    weight_decay: float | None = None
+
 
 @dataclass
 class DataConfig:
@@ -318,3 +343,4 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)

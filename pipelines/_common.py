@@ -141,10 +141,12 @@ def run_pipeline(
 def check_pretrained(cfg) -> None:
     """`model.pretrained` (and the teacher's) loads whole, before Ray starts: a file that fits
     only in part is a ConfigError naming the key and the tensors, not a worker's traceback."""
-    from components.config import ConfigError
+    from components.config import SYNTHETIC_PRETRAINED, ConfigError
     from components.models.build import build_model
 
     for key, model in (("model", cfg.model), ("teacher.model", cfg.teacher.model)):
+        if model.pretrained == SYNTHETIC_PRETRAINED:  # made (and checked) by its stage
+            continue
         if model.pretrained and not (key == "teacher.model" and cfg.teacher.checkpoint):
             try:
                 build_model(model, num_classes=2)

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from components.data.shards import DatasetError
     from components.training.checkpoint import CheckpointError
+    from components.training.pretrain import resolve_pretrained
     from components.training.sweep import check_sweep, run_sweep
     from components.training.trainer import failure_message, obtain_teacher, prepare_dataset
 
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                 spec.base,
                 teacher=dataclasses.replace(spec.base.teacher, checkpoint=teacher.source),
             )
+        # `model.pretrained: synthetic`: pretrained (or found) once here, not in every trial
+        spec.base = resolve_pretrained(spec.base)
         outcome = run_sweep(spec, info, teacher)
     except (ConfigError, DatasetError, CheckpointError) as e:
         return fail(str(e))

@@ -80,12 +80,12 @@ def diagnose_run(cfg, info, checkpoint_dir: str, rows: int) -> dict:
     import torch
 
     from components.config import from_dict
-    from components.models.build import build_model
+    from components.models.build import architecture, build_model
     from components.training.checkpoint import load_model_state
     from components.weakly.diagnostics import diagnose, iter_rows
 
     state, meta = load_model_state(checkpoint_dir)
-    model = build_model(from_dict({"model": meta["model"]}).model, info.num_classes)
+    model = build_model(architecture(from_dict({"model": meta["model"]}).model), info.num_classes)
     model.load_state_dict(state)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -15,11 +15,13 @@ loss, to the image size for evaluation), so distillation losses can compare maps
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.config import BACKBONES, HEADS, MITS, ModelConfig
+from components.config import BACKBONES, HEADS, MITS, SYNTHETIC_PRETRAINED, ModelConfig
 from components.models.heads import DeepLabV3Head, FCNAuxHead, PSPHead, SegFormerHead
 from components.models.mit import MixVisionTransformer, build_mit, load_pretrained_mit
 from components.models.resnet import BasicBlock, Bottleneck, ResNet, load_pretrained_backbone
@@ -249,12 +251,24 @@ def _build_segformer(cfg: ModelConfig, num_classes: int) -> SegFormerModel:
     return model
 
 
+def architecture(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` without its pretrained file: for a model whose weights are loaded right after it
+    is built (a checkpoint, a teacher), which then needs neither the file nor the time."""
+    return dataclasses.replace(cfg, pretrained=None)
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> SegmentationModel | SegFormerModel:
     """The network described by `cfg`, with `cfg.pretrained` loaded into its backbone when set.
 
     Raises ValueError naming the field for an unknown backbone or head, or naming the file
-    when the pretrained weights cannot be loaded.
+    when the pretrained weights cannot be loaded. `pretrained: synthetic` is resolved to a file
+    before this (components/training/pretrain.resolve_pretrained, which the training runs call).
     """
+    if cfg.pretrained == SYNTHETIC_PRETRAINED:
+        raise ValueError(
+            f"pretrained: '{SYNTHETIC_PRETRAINED}' names the synthetic pretraining stage's file, "
+            "made by components.training.pretrain.resolve_pretrained before a model is built"
+        )
     if cfg.backbone in MITS:
         return _build_segformer(cfg, num_classes)
     variant = cfg.variant

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from components.config import from_dict
-from components.models.build import build_model
+from components.models.build import architecture, build_model
 from components.training.checkpoint import CheckpointError, load_model_state, resolve_checkpoint
 
 
@@ -22,7 +22,9 @@ def load_checkpoint_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode on `device`, the checkpoint's meta.json with `folder` added)."""
     folder = resolve_checkpoint(path)
     state, meta = load_model_state(folder)
-    model = build_model(from_dict({"model": meta["model"]}).model, meta["num_classes"])
+    model = build_model(
+        architecture(from_dict({"model": meta["model"]}).model), meta["num_classes"]
+    )
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

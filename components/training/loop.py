@@ -30,7 +30,7 @@ from components.data.shards import DatasetInfo
 from components.distillation.protocol import MethodBase, unwrap
 from components.inference import EvalMode
 from components.metrics import boundary_iou, miou, pixel_accuracy
-from components.models.build import build_model
+from components.models.build import architecture, build_model
 from components.regimes import LABELED, Regime, regime_of
 from components.training.checkpoint import (
     CheckpointError,
@@ -88,7 +88,7 @@ def _build_teacher(config: dict, num_classes: int, device: torch.device) -> nn.M
     if config.get("teacher_state") is None:
         return None
     model_cfg = from_dict({"model": config["teacher_model"]}).model
-    teacher = build_model(model_cfg, num_classes)
+    teacher = build_model(architecture(model_cfg), num_classes)
     state = config["teacher_state"]
     if isinstance(state, ray.ObjectRef):
         state = ray.get(state)

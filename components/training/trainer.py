@@ -21,6 +21,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from components.config import (
+    SYNTHETIC_PRETRAINED,
     SYNTHETIC_ROOTS,
     Config,
     ConfigError,
@@ -36,7 +37,7 @@ from components.data.ingest import SegDataConfig
 from components.data.local_val import local_root, val_in_workers
 from components.data.shards import DatasetInfo, list_shards, resolve_fs, write_atomic
 from components.data.synthetic import ensure_synthetic
-from components.models.build import build_model
+from components.models.build import architecture, build_model
 from components.models.convert import convert_state_dict
 from components.regimes import regime_of
 from components.training.checkpoint import (
@@ -49,6 +50,7 @@ from components.training.checkpoint import (
     resolve_checkpoint,
 )
 from components.training.loop import train_loop_per_worker
+from components.training.pretrain import resolve_pretrained
 from components.training.progress import wants_bars
 from components.training.resources import (
     Request,
@@ -215,6 +217,8 @@ def run_name(cfg: Config, prefix: str | None = None) -> str:
     tree = to_dict(key)
     for dotted in NOT_IN_NAME:
         _drop(tree, dotted)
+    if SYNTHETIC_PRETRAINED not in (cfg.model.pretrained, cfg.teacher.model.pretrained):
+        del tree["pretrain"]  # only the synthetic pretraining stage reads it
     for dotted, (regime_prefix, before) in REGIME_ONLY.items():
         if regime_of(cfg.method.name).run_prefix != regime_prefix or _get(tree, dotted) == before:
             _drop(tree, dotted)
@@ -265,7 +269,7 @@ def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Te
         state = state.get("state_dict", state.get("model", state))
         model = fallback_model
         try:  # another code base's layout (CIRKD's released teachers) to ours, whole or not at all
-            state = convert_state_dict(state, build_model(model, num_classes))
+            state = convert_state_dict(state, build_model(architecture(model), num_classes))
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
     else:
@@ -275,7 +279,7 @@ def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Te
         path = path if is_uri(path) else str(folder)
     _check_teacher_classes(state, num_classes, path)
     try:
-        build_model(model, num_classes).load_state_dict(state)
+        build_model(architecture(model), num_classes).load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[:3]
         raise CheckpointError(
@@ -474,8 +478,10 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
         if done is not None:
             metrics = read_meta(done).get("metrics", {})
             return Outcome(name, metrics, str(done), time.perf_counter() - start, reused=True)
-        _check_same_run(cfg, name)
-        _write_config(cfg, name)
+        resolved = resolve_pretrained(cfg)  # `synthetic`: the stage's file, made when missing
+        _check_same_run(resolved, name)
+        _write_config(cfg, name)  # as given (`pretrained: synthetic`), so --config reruns it
+        cfg = resolved
         request = _request(cfg)
         if cfg.trainer.sync_bn and not request.use_gpu and request.num_workers > 1:
             raise ConfigError(
