@@ -6,7 +6,12 @@
         --stride 341,683 --scales 0.75,1.0,1.25 --flip --boundary-width 3
 
 `--checkpoint` takes a run folder (its latest complete checkpoint is used), a checkpoint folder
-or a file inside one. Images are decoded by Ray Data tasks; the model runs in this process (on
+or a file inside one, or a bare state_dict file (a released model in our layout, CIRKD's,
+torchvision's, mmsegmentation's or SegFormer's; components/models/convert.py) whose architecture
+a config's `model` section and/or `model.*` overrides describe:
+
+    python pipelines/evaluate.py --checkpoint deeplabv3_resnet101_citys_best_model.pth \
+        --data data/cityscapes model.backbone=resnet101 model.variant=cirkd Images are decoded by Ray Data tasks; the model runs in this process (on
 the GPU when there is one).
 
 The evaluation mode (components/inference.py): `whole` image (the default, as during training)
@@ -42,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boundary-width", type=int, metavar="D", help="boundary IoU band (px)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own output too")
     parser.add_argument(
+        "--config", help="for a bare state_dict file: a config whose `model` section describes it"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="for a bare state_dict file: model.* overrides (model.variant=cirkd)",
+    )
+    parser.add_argument(
         "--confusion-png",
         metavar="PATH",
         help="where to write the confusion-matrix PNG (default: confusion_<split>.png in the "
@@ -51,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from components.config import merge_config
     from components.data.device import model_batch
     from components.data.ingest import eval_dataset
     from components.data.shards import DatasetError, DatasetInfo
@@ -67,9 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.boundary_width is not None and args.boundary_width < 1:
             raise ValueError(f"--boundary-width must be >= 1 pixel, got {args.boundary_width}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, meta = load_checkpoint_model(args.checkpoint, device)
-        folder = Path(meta["folder"])
         info = DatasetInfo.load(args.data)
+        model_cfg = None
+        if args.config or args.overrides:
+            bad = [o for o in args.overrides if not o.startswith("model.")]
+            if bad:
+                raise ValueError(f"only model.* overrides describe a checkpoint, got {bad}")
+            model_cfg = merge_config(args.config, args.overrides).model
+        model, meta = load_checkpoint_model(args.checkpoint, device, model_cfg, info.num_classes)
+        folder = Path(meta["folder"])
         if meta["num_classes"] != info.num_classes:
             raise CheckpointError(
                 f"{folder}: model predicts {meta['num_classes']} classes but "
@@ -83,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray()
         quiet_ray_data(not args.verbose)
         dataset = eval_dataset(args.data, info, args.split)
-    except (CheckpointError, DatasetError, ValueError) as e:
+    except (CheckpointError, DatasetError, ValueError) as e:  # ConfigError is a ValueError
         return fail(str(e))
 
     batches = dataset.iter_torch_batches(

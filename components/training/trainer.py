@@ -38,13 +38,12 @@ from components.data.local_val import local_root, val_in_workers
 from components.data.shards import DatasetInfo, list_shards, resolve_fs, write_atomic
 from components.data.synthetic import ensure_synthetic
 from components.models.build import architecture, build_model
-from components.models.convert import convert_state_dict
+from components.models.checkpointed import is_bare_file, load_bare_state
 from components.regimes import regime_of
 from components.training.checkpoint import (
     CheckpointError,
     latest_resumable,
     load_model_state,
-    load_torch_file,
     newest_verified,
     read_meta,
     resolve_checkpoint,
@@ -263,15 +262,9 @@ def _check_teacher_classes(state: dict, num_classes: int, source: str) -> None:
 def load_teacher(path: str, fallback_model: ModelConfig, num_classes: int) -> Teacher:
     """A teacher from a checkpoint folder / run folder / model.pt of ours, or a bare state_dict
     file (then `teacher.model` describes the architecture)."""
-    p = Path(path)
-    if not is_uri(path) and p.is_file() and not (p.parent / "meta.json").is_file():
-        state = load_torch_file(p)
-        state = state.get("state_dict", state.get("model", state))
+    if is_bare_file(path):  # ours or a released model's layout, converted whole or refused
         model = fallback_model
-        try:  # another code base's layout (CIRKD's released teachers) to ours, whole or not at all
-            state = convert_state_dict(state, build_model(architecture(model), num_classes))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+        state = load_bare_state(path, model, num_classes)
     else:
         folder = resolve_checkpoint(path)  # a URI is fetched into a local cache
         state, meta = load_model_state(folder)

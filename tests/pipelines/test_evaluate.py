@@ -105,3 +105,42 @@ def test_bad_mode_flags_fail_clearly(checkpoint, tiny_data, capsys, extra, messa
     folder, _ = checkpoint
     assert evaluate.main(["--checkpoint", str(folder), "--data", tiny_data, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_bare_released_file_is_described_by_overrides(checkpoint, tiny_data, tmp_path, capsys):
+    """A torchvision-layout state_dict (key names and shapes of deeplabv3_resnet50, at width
+    1/8 and 4 classes; tests/layout_keys.py) evaluates when model.* overrides describe it, and
+    gives the table of the same weights converted to our layout and saved in a checkpoint."""
+    from layout_keys import torchvision_deeplabv3
+
+    from components.models.convert import convert_state_dict
+
+    torch.manual_seed(1)
+    shapes = torchvision_deeplabv3(depth=50, base=8, head=32, nclass=4)
+    state = {
+        k: (torch.randint(0, 5, s) if k.endswith("num_batches_tracked") else torch.rand(s) + 0.5)
+        for k, s in shapes.items()
+    }
+    released = tmp_path / "deeplabv3_resnet50.pth"
+    torch.save(state, released)
+    describe = ["model.backbone=resnet50", "model.width=0.125", "--confusion-png", "none"]
+    assert evaluate.main(["--checkpoint", str(released), "--data", tiny_data, *describe]) == 0
+    table = capsys.readouterr().out.split("\n\n", 1)[1]
+
+    cfg = ModelConfig(backbone="resnet50", width=0.125)
+    ours = convert_state_dict(state, build_model(cfg, 4))
+    folder = tmp_path / "ours" / "epoch_0001"
+    meta = {"num_classes": 4, "model": dataclasses.asdict(cfg), "progress": {"iteration": 1}}
+    save_checkpoint(folder, ours, None, meta)
+    assert evaluate.main(["--checkpoint", str(folder), "--data", tiny_data, *describe[2:]]) == 0
+    assert capsys.readouterr().out.split("\n\n", 1)[1] == table
+
+    # Undescribed, or described as another network: a clear error, nothing evaluated.
+    assert evaluate.main(["--checkpoint", str(released), "--data", tiny_data]) == 2
+    assert "bare state_dict file" in capsys.readouterr().err
+    wrong = ["model.backbone=resnet18", "model.width=0.125"]
+    assert evaluate.main(["--checkpoint", str(released), "--data", tiny_data, *wrong]) == 2
+    err = capsys.readouterr().err
+    assert str(released) in err and "fits this model only in part" in err
+    assert evaluate.main(["--checkpoint", str(released), "--data", tiny_data, "data.root=x"]) == 2
+    assert "only model.* overrides" in capsys.readouterr().err
