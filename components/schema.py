@@ -109,7 +109,8 @@ class ModelConfig:
     output_stride: int = 8  # ResNet: 8 or 16; MiT: 8, 16 (AFA/TSCD) or 32 (SegFormer)
     aux_head: bool = True  # ResNet heads only
     # Local pretrained backbone weights: a torchvision-format ResNet / MobileNetV2 state_dict (or
-    # a CIRKD network file), or a SegFormer ImageNet release (mit_b*.pth) for MiT backbones.
+    # a CIRKD network file), or a SegFormer ImageNet release (NVlabs mit_b*.pth or HuggingFace
+    # nvidia/mit-b*) for MiT backbones; "synthetic": the synthetic pretraining stage (`pretrain`).
     pretrained: str | None = None
     # A pretrained file that fits the backbone only in part (another stem, width or depth) is an
     # error naming what does not fit; true loads the tensors that do and reports the rest.

@@ -324,7 +324,8 @@ def build_mit(
 def load_pretrained_mit(
     model: MixVisionTransformer, path: str, partial: bool = False
 ) -> dict[str, list[str]]:
-    """Load a local MiT state_dict file (NVlabs `mit_b*.pth` layout) into `model` (non-strict).
+    """Load a local MiT state_dict file (NVlabs `mit_b*.pth` layout, or HuggingFace's
+    `segformer.encoder.*` names, converted by `mit_state_from_huggingface`) into `model`.
 
     The file may hold the state dict itself or a dict with a "state_dict" or "model" entry;
     leading "module." / "backbone." prefixes are stripped (so a SegFormer checkpoint's encoder
@@ -334,7 +335,21 @@ def load_pretrained_mit(
     for their shape}. Raises ValueError naming the file when it is unreadable, not a state dict,
     or shares no key with the model.
     """
-    return load_weights_file(model, path, "head.", "the MiT encoder", partial)
+    return load_weights_file(model, path, "head.", "the MiT encoder", partial, transform=_our_mit)
+
+
+def _our_mit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A HuggingFace MiT file (`segformer.encoder.*`, as nvidia/mit-b0's
+    SegformerForImageClassification) under our names; its classifier, decode head and any
+    encoder key no rule places stay as keys the encoder lacks (reported, never loaded). NVlabs'
+    files are in our names already."""
+    prefixes = ("segformer.encoder.", "encoder.")
+    hf = {k.split("encoder.", 1)[1]: v for k, v in state.items() if k.startswith(prefixes)}
+    if not hf:
+        return state
+    ours, unmatched = mit_state_from_huggingface(hf)
+    rest = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    return {**rest, **ours, **{f"encoder.{k}": hf[k] for k in unmatched}}
 
 
 # HuggingFace transformers' SegformerEncoder names -> ours (the release's), from

@@ -297,10 +297,11 @@ def load_weights_file(
     what: str,
     partial: bool = False,
     rename: Callable[[str], str] | None = None,
+    transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> dict[str, list[str]]:
     """The loader behind the backbones' `load_pretrained_*`: read `path` (weights only), unwrap
     and strip prefixes (then apply `rename`, when given, to each key), drop keys starting with
-    `ignore_prefix` (an ImageNet classifier), load
+    `ignore_prefix` (an ImageNet classifier), apply `transform` to the whole mapping, load
     the tensors whose name and shape match into `module` and report the rest. Unless `partial`,
     a model tensor the file lacks or holds in another shape is an error naming them (nothing is
     loaded); keys the model lacks (a segmentation head) are only reported. `what` names the
@@ -316,6 +317,8 @@ def load_weights_file(
             key = rename(key)
         if not key.startswith(ignore_prefix):
             loaded[key] = value
+    if transform is not None:  # a whole-file renaming (HuggingFace's MiT: key + value -> kv)
+        loaded = transform(loaded)
     own = module.state_dict()
     matched = {k: v for k, v in loaded.items() if k in own and own[k].shape == v.shape}
     # Scalar BatchNorm counters match any backbone; only weights and statistics count as a match.

@@ -362,3 +362,25 @@ def test_not_a_segformer_file_or_model() -> None:
         ValueError, match=r"this nvlabs-layout SegFormer checkpoint needs a SegFormer"
     ):
         convert_segformer_state_dict(_nvlabs(ADE), resnet)
+
+
+def test_model_pretrained_takes_a_huggingface_mit_file(tmp_path) -> None:
+    """`model.pretrained` with a HuggingFace encoder file (the `segformer.encoder.*` names of an
+    HF conversion, plus an ImageNet classifier, as nvidia/mit-b0's) loads strictly and gives the
+    encoder exactly the tensors the NVlabs file gives it."""
+    from components.models.mit import build_mit, load_pretrained_mit
+
+    nvlabs = {k: v for k, v in _nvlabs().items() if k.startswith("backbone.")}
+    hf = {k: v for k, v in _hf_from_nvlabs(nvlabs).items() if k.startswith("segformer.encoder.")}
+    hf["classifier.weight"] = torch.zeros(1000, 256)  # the ImageNet head: reported, not loaded
+    torch.save(nvlabs, tmp_path / "nvlabs.pth")
+    torch.save(hf, tmp_path / "hf.bin")
+    a, b = build_mit("mit_b0"), build_mit("mit_b0")
+    load_pretrained_mit(a, str(tmp_path / "nvlabs.pth"))
+    report = load_pretrained_mit(b, str(tmp_path / "hf.bin"))
+    assert report["missing"] == [] and report["mismatched"] == []
+    assert report["unexpected"] == ["classifier.weight"]
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    cfg = ModelConfig(backbone="mit_b0", head="segformer", pretrained=str(tmp_path / "hf.bin"))
+    build_model(cfg, ADE)  # the config path: strict, no error
