@@ -56,7 +56,6 @@ from components.training.runlock import run_lock
 from components.training.storage import absolute_storage, is_uri
 
 BACKBONE_FILE = "backbone.pt"
-POOL = "avg"
 COLUMNS = {"image": "uint8", "labels": "float32", "valid": "bool"}  # of the weak rows
 ARCHITECTURE = ("backbone", "width", "variant", "output_stride", "drop_path")
 
@@ -84,7 +83,7 @@ class Classifier(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         feats = self.backbone(images)
         last = feats[0][-1] if isinstance(feats, tuple) else feats["layer4"]  # MiT: (maps, attns)
-        return self.fc(last.amax(dim=(2, 3)) if POOL == "max" else last.mean(dim=(2, 3)))
+        return self.fc(last.mean(dim=(2, 3)))
 
 
 def label_vectors(masks: np.ndarray, valid: np.ndarray, num_classes: int, ignore: int) -> Tensor:
