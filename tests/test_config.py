@@ -219,9 +219,10 @@ def test_old_key_names_still_work_for_one_release_and_name_the_new_key(tmp_path,
     assert f"{old}: key names of before 0.2" in err
     assert "'method.weights.unsup' is now 'method.semisup.weights.unsup'" in err
     assert "'method.weights.ce' is now 'method.semisup.weights.ce'" in err  # the run's regime
+    # relation from the method's row (CIRKDv2's scale since issue 21 item 10)
     assert SEMI_SUPERVISED.weights(cfg) == {
         "ce": 0.5, "aux": 0.0, "unsup": 2.0, "relation": 0.01, "style": 0.0,
-    }  # fmt: skip  (relation from the method's row: CIRKDv2's scale since issue 21 item 10)
+    }  # fmt: skip
     # A whole old dump (every old weight, e.g. an old sweep's best.yaml) means what it meant:
     # only the weights its method read are kept.
     dump = tmp_path / "best.yaml"

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from components.config import ModelConfig, from_dict
 from components.models.build import architecture, build_model
 from components.models.convert import convert_state_dict
+from components.models.statedict import unwrap
 from components.training.checkpoint import (
     CheckpointError,
     load_model_state,
@@ -45,7 +46,7 @@ def load_bare_state(path: str, model_cfg: ModelConfig, num_classes: int) -> dict
     components/models/convert.py knows, whole or not at all: CheckpointError naming the file)."""
     state = load_torch_file(path)
     if isinstance(state, dict):
-        state = state.get("state_dict", state.get("model", state))
+        state = unwrap(state)
     try:
         return convert_state_dict(state, build_model(architecture(model_cfg), num_classes))
     except ValueError as e:

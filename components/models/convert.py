@@ -101,8 +101,7 @@ from components.models.convert_segformer import (
 from components.models.heads import PSPHead
 from components.models.mobilenet import cirkd_block_key
 from components.models.resnet import stem_key
-
-_SHOW = 5
+from components.models.statedict import names, strip_module, unwrap
 
 
 def _mobilenet_block(m: re.Match, key: str) -> str | None:
@@ -213,23 +212,6 @@ _HINTS = {
 }
 
 
-def _strip_module(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        while key.startswith("module."):
-            key = key[len("module.") :]
-        out[key] = value
-    return out
-
-
-def _unwrap(state: Mapping) -> Mapping:
-    """The state_dict inside a whole checkpoint dict (mmseg's {"meta", "state_dict"})."""
-    for key in ("state_dict", "model"):
-        if isinstance(state.get(key), Mapping):
-            return state[key]
-    return state
-
-
 def detect_layout(state: Mapping[str, Tensor]) -> str | None:
     """One of LAYOUTS' names or None, from the key names alone."""
     keys = list(state)
@@ -285,17 +267,12 @@ def _rename(key: str, rules: tuple) -> str | None:
     return None
 
 
-def _names(keys: list[str]) -> str:
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(keys[:_SHOW]) + more
-
-
 def convert_state_dict(
     state: Mapping[str, Tensor], model: nn.Module, partial: bool = False
 ) -> dict[str, Tensor]:
     """`state` (a checkpoint's state_dict, in any layout of the module docstring) with our key
     names for `model`. See the module docstring for the mapping and the errors."""
-    state = _strip_module(_unwrap(state))
+    state = strip_module(unwrap(state))
     if detect_segformer_layout(state) is not None:  # NVlabs' or HuggingFace's SegFormer
         return convert_segformer_state_dict(state, model, partial)
     layout = detect_layout(state)
@@ -305,7 +282,7 @@ def convert_state_dict(
         every = LAYOUTS | SEGFORMER_LAYOUTS
         tried = "; ".join(f"{name} ({keys})" for name, keys in every.items())
         raise ValueError(
-            f"unrecognised checkpoint layout: first keys {_names(list(state))}; layouts tried: "
+            f"unrecognised checkpoint layout: first keys {names(list(state))}; layouts tried: "
             f"{tried}"
         )
     psp = isinstance(getattr(model, "head", None), PSPHead)
@@ -333,8 +310,8 @@ def convert_state_dict(
         )
         raise ValueError(
             f"a {layout}-layout checkpoint fits this model only in part: {len(missing)} model "
-            f"tensor(s) missing ({_names(missing) or '-'}), {len(mismatched)} of another shape "
+            f"tensor(s) missing ({names(missing) or '-'}), {len(mismatched)} of another shape "
             f"({shapes or '-'}), {len(unmatched)} file tensor(s) with no place here "
-            f"({_names(unmatched) or '-'}). {_HINTS[layout]}"
+            f"({names(unmatched) or '-'}). {_HINTS[layout]}"
         )
     return {k: v for k, v in converted.items() if own[k].shape == v.shape}

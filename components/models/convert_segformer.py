@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from components.models.build import SegFormerModel
 from components.models.mit import MIT_VARIANTS, mit_config, mit_state_from_huggingface
+from components.models.statedict import names, strip_module, unwrap
 
 SEGFORMER_LAYOUTS = {
     "nvlabs": "backbone.patch_embed1..4.*, backbone.block1..4.*, decode_head.linear_c1..4.*",
@@ -70,7 +71,6 @@ SEGFORMER_LAYOUTS = {
 }
 RELEASE_STRIDES = (4, 2, 2, 2)
 
-_SHOW = 5
 _HF_ENCODER = "segformer.encoder."
 # The decoder's HF names -> ours (see the module docstring); the first match wins.
 _HF_HEAD = (
@@ -82,22 +82,11 @@ _HF_HEAD = (
 _BLOCK = re.compile(r"backbone\.block([1-4])\.(\d+)\.")
 
 
-def _strip_module(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    if isinstance(state.get("state_dict"), Mapping):  # an mmseg file as saved: {meta, state_dict}
-        state = state["state_dict"]
-    out = {}
-    for key, value in state.items():
-        while key.startswith("module."):
-            key = key[len("module.") :]
-        out[key] = value
-    return out
-
-
 def detect_segformer_layout(state: Mapping[str, Tensor]) -> str | None:
     """ "nvlabs", "huggingface" or None, from the key names alone. Both need an encoder and a
     decoder: an encoder-only file (`mit_b*.pth`, HF `nvidia/mit-b0`) is None (load it with
     `model.pretrained`), as is a state_dict in our own layout (`backbone.*`, `head.*`)."""
-    keys = list(_strip_module(state))
+    keys = list(strip_module(unwrap(state)))
     if any(k.startswith(_HF_ENCODER) for k in keys) and any(
         k.startswith("decode_head.linear_c.") for k in keys
     ):
@@ -213,11 +202,6 @@ def _architecture_hints(file_arch: tuple, model_arch: tuple) -> list[str]:
     return hints
 
 
-def _names(keys: list[str]) -> str:
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(keys[:_SHOW]) + more
-
-
 def convert_segformer_state_dict(
     state: Mapping[str, Tensor], model: nn.Module, partial: bool = False
 ) -> dict[str, Tensor]:
@@ -225,12 +209,12 @@ def convert_segformer_state_dict(
     key names for `model`, a SegFormerModel. Raises ValueError naming what does not fit (unless
     `partial`), for a file in neither layout, or when `model` is not a SegFormer; warns when the
     model's MiT strides are not the release's 4,2,2,2."""
-    state = _strip_module(state)
+    state = strip_module(unwrap(state))
     layout = detect_segformer_layout(state)
     if layout is None:
         tried = "; ".join(f"{name} ({keys})" for name, keys in SEGFORMER_LAYOUTS.items())
         raise ValueError(
-            f"not a whole-network SegFormer checkpoint: first keys {_names(list(state))}; "
+            f"not a whole-network SegFormer checkpoint: first keys {names(list(state))}; "
             f"layouts tried: {tried}"
         )
     if not isinstance(model, SegFormerModel):  # ValueError, what the checkpoint callers catch
@@ -274,9 +258,9 @@ def convert_segformer_state_dict(
         )
         raise ValueError(
             f"this {layout}-layout SegFormer checkpoint fits the model only in part: {arch}"
-            f"{len(missing)} model tensor(s) missing ({_names(missing) or '-'}), "
+            f"{len(missing)} model tensor(s) missing ({names(missing) or '-'}), "
             f"{len(mismatched)} of another shape ({shapes or '-'}), {len(unmatched)} file "
-            f"tensor(s) with no place here ({_names(unmatched) or '-'}).{extra}"
+            f"tensor(s) with no place here ({names(unmatched) or '-'}).{extra}"
         )
     if tuple(backbone.strides) != RELEASE_STRIDES:
         warnings.warn(
