@@ -21,9 +21,9 @@ the worker's device by `components.data.device.model_batch` to the same numbers.
 Seeding, the same for the three training decoders (`decode_train_batch`, `decode_unlabeled_batch`,
 `decode_weak_batch`; `decode_eval_batch` has no randomness): with `seed`, the in-batch shuffle
 and the augmentation are a pure function of (seed, the batch's ids), so batches differ from one
-another but a given batch is reproducible; with `seed=None` (the default) each call draws fresh
-OS entropy. Ray Data tasks do not know the epoch, so augmentation is not replayed on resume
-either way.
+another but a given batch is reproducible; `seed` may be a tuple of ints (the Ray Data pipelines
+pass (data.shuffle_seed, the epoch's execution index): components/data/ingest.py); with
+`seed=None` (the default) each call draws fresh OS entropy.
 """
 
 from __future__ import annotations
@@ -132,15 +132,16 @@ def _images_out(images: np.ndarray, valid: np.ndarray, normalized: bool) -> np.n
     return out
 
 
-def _augment_rng(seed: int | None, ids) -> np.random.Generator:
+def _augment_rng(seed: int | tuple[int, ...] | None, ids) -> np.random.Generator:
     """The one random generator of a training batch (the seeding rule in the module docstring)."""
     if seed is None:
         return np.random.default_rng()
-    return np.random.default_rng([seed, zlib.crc32("\0".join(map(str, ids)).encode())])
+    key = zlib.crc32("\0".join(map(str, ids)).encode())
+    return np.random.default_rng([*(seed if isinstance(seed, tuple) else (seed,)), key])
 
 
 def _seeded_batch(
-    batch: dict[str, np.ndarray], seed: int | None, shuffle: bool
+    batch: dict[str, np.ndarray], seed: int | tuple[int, ...] | None, shuffle: bool
 ) -> tuple[np.random.Generator, dict[str, np.ndarray]]:
     """(the batch's generator, the batch with its rows permuted by it when `shuffle`)."""
     rng = _augment_rng(seed, batch["id"])
@@ -156,7 +157,7 @@ def decode_train_batch(
     crop_size: int | tuple[int, int],
     scale_range: tuple[float, float],
     flip: bool,
-    seed: int | None = None,
+    seed: int | tuple[int, ...] | None = None,
     ignore_index: int = 255,
     num_classes: int,
     shuffle: bool = False,
@@ -217,7 +218,7 @@ def decode_unlabeled_batch(
     ignore_index: int = 255,
     num_classes: int,
     shuffle: bool = False,
-    seed: int | None = None,
+    seed: int | tuple[int, ...] | None = None,
     normalized: bool = True,
 ) -> dict[str, np.ndarray]:
     """Weak and strong views of unlabeled rows (same crop), for semi-supervised training.
@@ -291,7 +292,7 @@ def decode_weak_batch(
     ignore_index: int = 255,
     num_classes: int,
     shuffle: bool = False,
-    seed: int | None = None,
+    seed: int | tuple[int, ...] | None = None,
     normalized: bool = True,
 ) -> dict[str, np.ndarray]:
     """Training rows for weakly supervised segmentation: the image-level labels are the target.

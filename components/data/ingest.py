@@ -20,6 +20,12 @@ split across workers. Each epoch is one execution of the pipeline. Decoded rows 
 - **Shuffle.** A different, deterministic shard (block) order each epoch
   (`RandomSeedConfig(seed, reseed_after_execution=True)`). Rows are also permuted inside each
   decode batch. Ray's local shuffle buffer is not used (slow, and it breaks DDP step parity).
+- **Reproducible.** The in-batch permutation and the augmentation are seeded by
+  (`data.shuffle_seed`, the epoch's execution index, the batch's ids) (`_seeded_by_epoch`), and
+  the executions keep the block order (`preserve_order`, `SegDataConfig`): the same command
+  with the same seeds gives the same batches, epoch after epoch, on one worker. With several
+  workers, which worker gets which block is decided at run time (Ray's `streaming_split`); a
+  resumed run restarts the execution index, so its later epochs see other augmentations.
 - **Splits.** `train` is split evenly (`streaming_split(equal=True)`: every worker runs the same
   number of steps). Validation is split *unevenly* (`equal=False`): no row is dropped, and the
   workers' confusion matrices are summed, so the metric covers the whole split exactly.
@@ -132,19 +138,31 @@ def _read_shards(batch: pa.Table, root: str, split: str, columns: list[str]) -> 
 
 def _augmenting(decoder, data: DataConfig, info: DatasetInfo, **extra):
     """A training decoder with the config's crop, scale range and flip; rows are permuted
-    inside each decode batch; the augmentation is drawn fresh (not replayed on resume)."""
-    return partial(
+    inside each decode batch; both seeded per epoch (`_seeded_by_epoch`)."""
+    decode = partial(
         decoder,
         crop_size=data.crop_size,
         scale_range=(data.scale_min, data.scale_max),
         flip=data.flip,
-        seed=None,
         ignore_index=info.ignore_index,
         num_classes=info.num_classes,
         shuffle=True,
         normalized=False,  # uint8 rows; normalised on the worker's device (data/device.py)
         **extra,
     )
+    return partial(_seeded_by_epoch, decode=decode, seed=data.shuffle_seed)
+
+
+def _seeded_by_epoch(batch: dict[str, np.ndarray], decode, seed: int) -> dict[str, np.ndarray]:
+    """`decode(batch)` seeded by (seed, the epoch, the batch's ids): reproducible, and new each
+    epoch. The epoch is the dataset's execution index as the task sees it in its DataContext:
+    the counter Ray Data's own per-execution reseeding reads (`RandomSeedConfig`,
+    `expressions.random`: ray/data/_internal/planner/plan_expression/synthetic_impl.py), raised
+    after each finished execution (execution_idx_update_callback.py)."""
+    from ray.data.context import DataContext
+
+    epoch = getattr(DataContext.get_current(), "_execution_idx", 0)
+    return decode(batch, seed=(seed, epoch))
 
 
 def _decoded(ds: ray.data.Dataset, decode, rows: int = DECODE_BATCH_ROWS) -> ray.data.Dataset:
@@ -362,6 +380,14 @@ class SegDataConfig(RayDataConfig):
     def __init__(self, uneven: tuple[str, ...] = ("val",), **kwargs):
         super().__init__(**kwargs)
         self._uneven = set(uneven)
+
+    def default_ingest_options(self):
+        """Ray Train's defaults (carried from the driver's DataContext) with the executions'
+        output kept in the block order: without it, blocks reach a worker as their decode
+        tasks finish, and the same seeds give another batch order from run to run."""
+        options = RayDataConfig.default_ingest_options()
+        options.preserve_order = True
+        return options
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]

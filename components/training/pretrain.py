@@ -4,10 +4,10 @@ benchmark's stand-in for the ImageNet weights every published result starts from
     cfg = resolve_pretrained(cfg)      # every `pretrained: synthetic` -> its backbone file
     path = pretrained_backbone(cfg.model, cfg)
 
-The image set (`pretrain.root`, 2048 + 256 images of 48 px by default) comes from the same
+The image set (`pretrain.root`, 4096 + 256 images of 48 px by default) comes from the same
 texture generator as the segmentation sets (components/data/synthetic.py) with its own seed and
-more classes (16 textures; the segmentation sets' first 4-9 are among them, as ImageNet holds
-the VOC and Cityscapes classes), so no segmentation image is seen. The target is the multi-label
+more classes (8 textures; the segmentation sets' 4 are among them, as ImageNet holds the VOC and
+Cityscapes classes), so no segmentation image is seen. The target is the multi-label
 presence vector of the foreground textures (`image_labels`), learned with binary cross-entropy
 on the backbone's globally average-pooled last map and a linear layer; the classifier is dropped
 after training. Training runs on Ray Train like every other run (one worker per
@@ -16,6 +16,8 @@ resumes from), under `trainer.storage_path`/pretrain-<backbone>-<hash>/, where t
 state_dict is written as `backbone.pt` (our key names, which `model.pretrained` loads strictly).
 The hash covers the backbone's architecture (backbone, width, variant, output_stride, drop_path)
 and the `pretrain` section, so a changed setting pretrains again and an unchanged one reuses.
+On one worker the stage is reproducible: the data order and crops are seeded per epoch
+(components/data/ingest.py), the classifier's init and torch's RNG by `pretrain.seed`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from components.schema import (
     SyntheticConfig,
 )
 from components.training.runlock import run_lock
+from components.training.runlog import quiet_train_console
 from components.training.storage import absolute_storage, is_uri
 
 BACKBONE_FILE = "backbone.pt"
@@ -113,6 +116,8 @@ def _hyper(model: ModelConfig, p: PretrainConfig) -> tuple[float, float]:
 
 def _pretrain_worker(config: dict) -> None:
     """One Ray Train worker of the pretraining run (see the module docstring)."""
+    if not config.get("verbose"):
+        quiet_train_console()  # Ray Train's report dumps, as in the segmentation runs
     model_cfg = from_dict({"model": config["model"]}).model
     p = PretrainConfig(**config["pretrain"])
     k, ignore = config["num_classes"], config["ignore_index"]
@@ -259,6 +264,7 @@ def pretrained_backbone(model: ModelConfig, cfg: Config, log=print) -> str:
             "info": info.to_json(),
             "steps_per_epoch": steps,
             "resume": _newest_state(folder),
+            "verbose": cfg.trainer.verbose,
         }
         trainer = ray.train.torch.TorchTrainer(
             _pretrain_worker,

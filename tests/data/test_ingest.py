@@ -10,6 +10,7 @@ import pytest
 from components.config import DataConfig
 from components.data.ingest import SegDataConfig, eval_dataset, steps_per_epoch, train_dataset
 from components.data.shards import DatasetInfo, ShardWriter, encode_png, mask_labels
+from components.data.transforms import decode_train_batch
 
 
 def _write_dataset(root, rows: int, bad: dict[int, str]) -> DatasetInfo:
@@ -98,3 +99,54 @@ def test_large_images_decode_in_short_tasks(ray_session, tmp_path):
     batches = list(train_dataset(data, info).iter_batches(batch_size=None))
     assert sum(len(b["mask"]) for b in batches) == 10
     assert all(b["image"].dtype == np.uint8 and b["image"].shape[-1] == 3 for b in batches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_same_seed_gives_the_same_batches_and_every_epoch_new_ones(
+    ray_session, tmp_path, cache
+):
+    """Issue 21: a run's batches (order, crops, flips) are a function of data.shuffle_seed and
+    the epoch, through the Train split a worker reads (SegDataConfig: preserve_order)."""
+    info = _write_dataset(tmp_path, 96, {})  # 3 decode tasks of 32 rows
+
+    def run(seed: int) -> list[list[np.ndarray]]:
+        data = DataConfig(root=str(tmp_path), crop_size=24, cache_encoded=cache, shuffle_seed=seed)
+        ds = train_dataset(data, info)
+        (part,) = SegDataConfig(uneven=()).configure({"train": ds}, 1, None, None)
+        return [[b["image"] for b in part["train"].iter_batches(batch_size=8)] for _ in range(2)]
+
+    def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+        return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    first, again, other = run(3), run(3), run(4)
+    assert len(first[0]) == 12
+    assert same(first[0], again[0]) and same(first[1], again[1])
+    assert not same(first[0], first[1])  # a new shuffle and new crops in the next epoch
+    assert not same(first[0], other[0])
+
+
+def test_augmentation_is_seeded_by_the_epoch(monkeypatch):
+    """`_seeded_by_epoch` reads the execution index Ray Data keeps in the task's DataContext."""
+    from ray.data.context import DataContext
+
+    from components.data.ingest import _augmenting
+
+    info = DatasetInfo("t", 3, ["a", "b", "c"], [[0, 0, 0]] * 3, 255, {})
+    rng = np.random.default_rng(0)
+    batch = {
+        "id": np.array([f"r{i}" for i in range(4)]),
+        "image": np.array(
+            [encode_png(rng.integers(0, 255, (32, 32, 3), np.uint8)) for _ in range(4)]
+        ),
+        "mask": np.array([encode_png(np.zeros((32, 32), np.uint8)) for _ in range(4)]),
+    }
+    decode = _augmenting(decode_train_batch, DataConfig(crop_size=16, shuffle_seed=5), info)
+    context = DataContext.get_current()
+
+    def at(epoch: int) -> np.ndarray:
+        monkeypatch.setattr(context, "_execution_idx", epoch, raising=False)
+        return decode(dict(batch))["image"]
+
+    assert np.array_equal(at(0), at(0)) and np.array_equal(at(1), at(1))
+    assert not np.array_equal(at(0), at(1))

@@ -141,6 +141,13 @@ def test_pretraining_writes_a_backbone_that_loads_and_is_reused(ray_session, tmp
     # A run's stored config keeps `synthetic` (reruns name the same run); a checkpoint's
     # config holds the file, which loads as any pretrained file does.
     assert from_dict(to_dict(resolved)).model.pretrained == path
+    # The same stage made again elsewhere (the images reused) gives the same weights: the data
+    # order and crops are seeded per epoch, the init by pretrain.seed (issue 21).
+    again = merge_config(None, [*overrides, f"trainer.storage_path={tmp_path / 'again'}"])
+    other = torch.load(
+        resolve_pretrained(again, log=lines.append).model.pretrained, weights_only=True
+    )
+    assert all(torch.equal(state[k], other[k]) for k in state)
 
 
 @pytest.mark.slow
