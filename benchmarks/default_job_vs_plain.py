@@ -14,7 +14,13 @@ every 0.2 s; shared pages count once per process, so it over-counts both arms al
   (one loader worker, the same decoders), the same models, methods, optimizers, schedules and
   evaluation code (components/), the teacher saved to a file and reused on the second run.
 
-First run: nothing exists (dataset, teacher and student are made). Second run: the dataset and
+The default job's backbones come from the synthetic pretraining stage (`model.pretrained:
+synthetic`, issue 21), which runs once per machine and is cached (`outputs/pretrain-*`). It is
+made (or found) before the timed runs and is not part of them: every segdistill folder gets a
+copy of the cached stage, and the plain arm loads the same two files. (Its own cost, once:
+about 2 min for the student's backbone and 4-5 for the teacher's on 2 cores; docs/benchmarks.md.)
+
+First run: nothing else exists (dataset, teacher and student are made). Second run: the dataset and
 the teacher exist; the student is trained again (its run folder deleted first; the plain arm
 overwrites its file). (A new `trainer.seed` would not do: the cached teacher's run name includes
 the seed, so segdistill would train a new teacher.) The arms alternate
@@ -85,17 +91,20 @@ def _train(cfg, info, teacher, epochs: int, lr: float, log) -> tuple:
     return method.eval_model(), value
 
 
-def plain(folder: str, seed: int) -> int:
-    """The default job in plain PyTorch: dataset, teacher (or its saved weights), student."""
+def plain(folder: str, seed: int, pretrained: list[str]) -> int:
+    """The default job in plain PyTorch: dataset, teacher (or its saved weights), student;
+    `pretrained`: the `model.pretrained` / `teacher.model.pretrained` overrides (files)."""
     import torch
 
     from components.config import merge_config, validate
     from components.data.synthetic import ensure_synthetic
     from components.models.build import build_model
     from components.training.trainer import teacher_training_config
+    from pipelines.distill import default_config
 
     out = Path(folder)
-    cfg = merge_config(None, [f"data.root={out / 'data'}", f"trainer.seed={seed}"])
+    overrides = [f"data.root={out / 'data'}", f"trainer.seed={seed}", *pretrained]
+    cfg = merge_config(None, overrides, default_config())
     validate(cfg)
     info = ensure_synthetic(cfg.data.root, cfg.data.synthetic)
     teacher_file = out / "teacher.pt"
@@ -167,18 +176,36 @@ def timed(command: list[str], env: dict) -> tuple[float, float]:
     return wall, peak[0] / 2**30
 
 
+def _pretrained_stage() -> dict[str, str]:
+    """{"model": file, "teacher.model": file}: the default job's synthetic-pretrained backbones
+    in the repository's outputs/ (made there when missing, as the default job would)."""
+    from pretrained import pretrained_overrides
+
+    from components.config import merge_config
+    from pipelines.distill import default_config
+
+    cfg = merge_config(None, [f"trainer.storage_path={ROOT / 'outputs'}"], default_config())
+    pairs = (o.split("=", 1) for o in pretrained_overrides(cfg, ["model", "teacher.model"]))
+    return {k.removesuffix(".pretrained"): v for k, v in pairs}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plain", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--pretrained", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain:
-        return plain(args.plain, args.seed)
+        return plain(args.plain, args.seed, args.pretrained)
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     py = sys.executable
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    stage = time.perf_counter()
+    pretrained = _pretrained_stage()
+    stage = time.perf_counter() - stage
+    print(f"pretraining stage (made once or found, not timed): {stage:.0f} s", flush=True)
     print(f"{os.cpu_count()} CPUs; {REPEATS} pairs of first runs, then of second runs", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folders = {(arm, r): Path(tmp) / f"{arm}-{r}" for arm in ("segdistill", "plain")
@@ -188,6 +215,10 @@ def main() -> int:
                 order = ("segdistill", "plain") if r % 2 == 0 else ("plain", "segdistill")
                 for arm in order:
                     folder = folders[(arm, r)]
+                    if not folder.exists():  # a copy of the cached stage: found, not made
+                        for backbone in pretrained.values():
+                            src = Path(backbone).parent
+                            shutil.copytree(src, folder / "runs" / src.name)
                     folder.mkdir(exist_ok=True)
                     if run == "second":  # the student again, on the cached dataset and teacher
                         for done in (folder / "runs").glob("distill-*"):
@@ -199,7 +230,9 @@ def main() -> int:
                                    f"trainer.storage_path={folder / 'runs'}",
                                    f"trainer.seed={seed}", "trainer.progress=lines"]  # fmt: skip
                     else:
-                        command = [py, __file__, "--plain", str(folder), "--seed", str(seed)]
+                        files = [f"{k}.pretrained={v}" for k, v in pretrained.items()]
+                        command = [py, __file__, "--plain", str(folder), "--seed", str(seed),
+                                   "--pretrained", *files]  # fmt: skip
                     wall, gib = timed(command, env)
                     results.setdefault((arm, run), []).append((wall, gib))
                     print(f"{run} run {r} {arm}: {wall:.1f} s, peak {gib:.2f} GiB", flush=True)

@@ -30,6 +30,7 @@ def default_config():
     """The embedded default: the synthetic dataset, 1/8 labeled, 11 epochs of 56 steps (616: this
     dataset needs some 500 steps before a student leaves the background prior)."""
     from components.config import (
+        SYNTHETIC_PRETRAINED,
         Config,
         DataConfig,
         MethodConfig,
@@ -43,6 +44,8 @@ def default_config():
             root="data/synthetic_semisup",
             synthetic=SyntheticConfig(num_train=64, num_unlabeled=448, num_val=64),
         ),
+        # Config's student (ResNet-18 x0.25), from the synthetic pretraining stage
+        model=dataclasses.replace(Config().model, pretrained=SYNTHETIC_PRETRAINED),
         method=MethodConfig(name="cross_image", semisup=SemiSupConfig(ema_momentum=0.99)),
         trainer=TrainerConfig(epochs=11),
     )

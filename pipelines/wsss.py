@@ -25,6 +25,7 @@ if __package__ in (None, ""):
 def default_config():
     """The embedded default: TSCD on a half-width MiT-B0 and 64 px synthetic images."""
     from components.config import (
+        SYNTHETIC_PRETRAINED,
         Config,
         DataConfig,
         MethodConfig,
@@ -51,6 +52,7 @@ def default_config():
             output_stride=8,
             cls_head=True,
             drop_path=0.0,
+            pretrained=SYNTHETIC_PRETRAINED,  # the synthetic pretraining stage (issue 21)
         ),
         method=MethodConfig(name="tscd", weakly=WeaklyConfig(warmup_iters=1024)),
         optim=OptimConfig(

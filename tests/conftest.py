@@ -68,6 +68,8 @@ def _tiny_overrides(data_root: str, storage: str, **extra: str) -> list[str]:
         "data.val_batch_size": "8",
         "data.prefetch_batches": "1",
         "model.width": "0.125",
+        "model.pretrained": "null",  # the shipped synthetic configs pretrain (minutes)
+        "teacher.model.pretrained": "null",
         "teacher.model.backbone": "resnet18",
         "teacher.model.width": "0.125",
         "teacher.epochs": "1",

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,23 @@ def test_shipped_configs_validate():
         assert f"{script} --config configs/{path.name}" in header, path.name
         if "cityscapes" in path.name:
             assert cfg.data.num_classes == 19 and cfg.trainer.use_gpu, path.name
+
+
+def test_sstkd_synthetic_config_is_the_embedded_default():
+    """distill.py's default is Config's, its two backbones from the synthetic pretraining stage
+    (issue 21); configs/sstkd_synthetic.yaml spells it out."""
+    from pipelines.distill import default_config
+
+    default = merge_config(None, [], default_config())
+    assert default.model.pretrained == default.teacher.model.pretrained == "synthetic"
+
+    def filled(cfg):  # the file writes the method's weights out; the default leaves them to its row
+        weights = dict(SUPERVISED.weights(cfg))
+        return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, weights=weights))
+
+    assert filled(load_config(["--config", "configs/sstkd_synthetic.yaml"])) == filled(default)
+    scratch = ["model.pretrained=null", "teacher.model.pretrained=null"]
+    assert merge_config(None, scratch, default_config()) == load_config([])
 
 
 def test_wsss_synthetic_config_is_the_embedded_default():

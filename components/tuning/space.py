@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from components.config import (
+    SYNTHETIC_PRETRAINED,
     Config,
     ConfigError,
     _suggest,
@@ -160,7 +162,9 @@ def absolute_local_paths(cfg: Config) -> Config:
     nothing; absolute paths also let best.yaml run from any directory."""
 
     def absolute(path: str | None) -> str | None:
-        return None if path is None else absolute_storage(path)
+        if path is None or path == SYNTHETIC_PRETRAINED:  # the stage's word, not a file
+            return path
+        return absolute_storage(path)
 
     model, teacher = cfg.model, cfg.teacher
     return dataclasses.replace(
@@ -256,8 +260,8 @@ def build_spec(
 def _as_override(value: Any) -> str:
     if value is None:
         return "null"
-    if isinstance(value, (list, dict)):
-        return OmegaConf.to_yaml(OmegaConf.create({"v": value})).split(":", 1)[1].strip()
+    if isinstance(value, (list, dict)):  # YAML's flow style: one line, nested mappings too
+        return json.dumps(value)
     return str(value)
 
 
@@ -294,7 +298,12 @@ def load_sweep(path: str | None, cli_overrides: list[str] | None = None) -> Swee
 # The embedded default: a small SSTKD sweep on the synthetic dataset (`python pipelines/tune.py`).
 DEFAULT_SWEEP: dict = {
     "distill": None,
-    "overrides": {"trainer.epochs": 3},
+    "overrides": {
+        "trainer.epochs": 3,
+        # distill.py's embedded default: both backbones from the synthetic pretraining stage
+        "model.pretrained": "synthetic",
+        "teacher.model.pretrained": "synthetic",
+    },
     "search": {
         "method.weights.structural": "loguniform(0.1, 10)",
         "method.weights.statistical": "loguniform(0.1, 10)",

@@ -89,6 +89,19 @@ def test_spec_validates_and_builds_trial_configs():
     assert spec.base.method.dtiem.levels == 16  # and not modified
 
 
+def test_a_mapping_or_list_under_overrides_sets_a_section():
+    """A nested mapping (configs/tune_relation_synthetic.yaml's `data.synthetic`) and a list;
+    the mapping used to reach OmegaConf as block YAML on one dotlist line: a raw ScannerError."""
+    synthetic = {"num_train": 512, "num_unlabeled": 0, "num_val": 64}
+    spec = spec_of(
+        {"optim.lr": "loguniform(0.01, 0.1)"},
+        overrides={"data.synthetic": synthetic, "eval.scales": [0.75, 1.0]},
+    )
+    s = spec.base.data.synthetic
+    assert (s.num_train, s.num_unlabeled, s.num_val, s.size) == (512, 0, 64, 48)
+    assert spec.base.eval.scales == [0.75, 1.0]
+
+
 @pytest.mark.parametrize(
     ("search", "overrides", "needle"),
     [
@@ -183,6 +196,8 @@ def test_local_paths_become_absolute_uris_stay(tmp_path, monkeypatch):
 def test_embedded_default_and_shipped_sweeps_validate():
     spec = load_sweep(None)
     assert set(spec.search) == set(DEFAULT_SWEEP["search"])
+    # distill's default: the stage's word survives the paths made absolute (it is not a file)
+    assert spec.base.model.pretrained == spec.base.teacher.model.pretrained == "synthetic"
     # The Cityscapes protocol names an ImageNet ResNet file that is not in the repository.
     for path, cli in (
         ("configs/tune_sstkd_synthetic.yaml", []),
