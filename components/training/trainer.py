@@ -381,6 +381,19 @@ def _check_same_run(cfg: Config, name: str) -> None:
             )
 
 
+def _continue_epochs(datasets: dict, resume: str | None) -> None:
+    """A resumed run's datasets count their executions (epochs) on from the checkpoint's, so
+    the block order and the augmentation (both seeded by that count: data/ingest.py) continue
+    as in an uninterrupted run instead of repeating the first epochs'. Ray Data raises the
+    count after each finished execution (execution_idx_update_callback.py); on URI storage the
+    driver does not see the checkpoint and the count starts at 0."""
+    if resume is None:
+        return
+    done = int(read_meta(resume).get("progress", {}).get("epoch", 0))
+    for ds in datasets.values():
+        ds.context._execution_idx = done
+
+
 def build_trainer(
     cfg: Config,
     info: DatasetInfo,
@@ -395,13 +408,15 @@ def build_trainer(
     if val_in_workers(cfg.data, info, request.num_workers):  # no Ray Data pipeline for val
         datasets.pop("val", None)
         val_local = {"root": local_root(cfg.data.root), "info": info.to_json()}
+    resume = _resumable(cfg, name)
+    _continue_epochs(datasets, resume)
     loop_config = {
         "cfg": to_dict(cfg),
         "num_classes": info.num_classes,
         "ignore_index": info.ignore_index,
         "class_names": info.class_names,
         "steps_per_epoch": steps,
-        "resume_folder": _resumable(cfg, name),
+        "resume_folder": resume,
         "run_folder": join(storage_of(cfg), name),
         "palette": info.palette,
         "progress_bars": wants_bars(cfg.trainer.progress),

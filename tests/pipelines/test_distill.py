@@ -285,6 +285,14 @@ def test_killed_driver_resumes_from_its_last_checkpoint(
     assert final["progress"]["epoch"] == epochs and final["progress"]["iteration"] == 12 * epochs
     # The LR followed the iteration, not restarted at the resumed one: the horizon's end.
     assert final["optimizer"]["param_groups"][0]["lr"] == 0.0
+    # And it ends where the same command run without the kill ends, to the bit: the worker's
+    # state comes back from the checkpoint, Ray Data's epoch count (block order, augmentation)
+    # continues from it (trainer._continue_epochs).
+    whole = tmp_path / "whole"
+    assert distill.main([*args, f"trainer.storage_path={whole}"]) == 0
+    resumed_weights, _ = load_model_state(resolve_checkpoint(run))
+    whole_weights, _ = load_model_state(resolve_checkpoint(_run_dir(whole, "distill-kd")))
+    assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
 
 
 def test_bad_rows_counted_then_fail_past_max_bad_fraction(
@@ -426,7 +434,8 @@ def _cfg_every(every: int, epochs: int):
 def test_the_same_command_gives_the_same_run(ray_session, tiny_data, tiny_overrides, tmp_path):
     """Issue 21: the same command with the same seeds trains the same weights on CPU (one
     worker): data order and augmentation are seeded per epoch (components/data/ingest.py), the
-    model's init and the worker's torch RNG by trainer.seed."""
+    model's init and the worker's torch RNG by trainer.seed. (A killed and resumed run against
+    an uninterrupted one: test_killed_driver_resumes_from_its_last_checkpoint.)"""
     runs = []
     for name in ("a", "b"):
         storage = tmp_path / name
