@@ -81,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in errors:
         print(f"trial {r['trial_id']} failed: {r.get('error')}", file=sys.stderr)
     if outcome.best_yaml:
-        print(
-            f"\nbest config: {outcome.best_yaml}\n  python pipelines/distill.py --config {outcome.best_yaml}"
-        )
+        from components.regimes import regime_of
+
+        script = regime_of(spec.base.method.name).pipeline  # semisup.py for a semisup sweep
+        print(f"\nbest config: {outcome.best_yaml}\n  python {script} --config {outcome.best_yaml}")
     if errors:
         return fail(f"{len(errors)} trial(s) failed; see {outcome.path}", code=1)
     return 0

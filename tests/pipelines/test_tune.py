@@ -98,6 +98,9 @@ def test_tiny_sweep_stops_early_writes_outputs_and_continues(
     assert tune.main(["--config", str(path)]) == 0
     out = capsys.readouterr().out
     folder = storage / "tiny"
+    # the command that runs the best trial's config: the regime's pipeline (semisup.py for a
+    # semi-supervised sweep such as configs/tune_relation_synthetic.yaml)
+    assert f"python pipelines/distill.py --config {folder / 'best.yaml'}" in out
     for name in ("trials.csv", "trials.md", "params.png", "best.yaml"):
         assert (folder / name).is_file(), name
 
