@@ -132,10 +132,15 @@ def run_seed(cfgs: dict[str, Config], info, rows, val, iters: int, seed: int, di
             model, iter_rows(d.root, d.train_split, k, diag_rows), k, cfg.method.weakly
         )
         confusion = predict_confusion(model, [val], k)
+        total = float(confusion.sum())
         yield (
             name,
             {
                 "val_miou": miou(confusion)[0],
+                # per class (0 = background): IoU, share of val pixels predicted / true
+                "val_class_iou": [round(float(v), 4) for v in miou(confusion)[1]],
+                "val_pred_share": [round(float(v) / total, 4) for v in confusion.sum(0)],
+                "val_true_share": [round(float(v) / total, 4) for v in confusion.sum(1)],
                 "pseudo_miou": train["pseudo_miou"],
                 "pseudo_labeled": train["pseudo_labeled"],
                 "cam_miou": train["cam_miou"],

@@ -24,8 +24,8 @@ split across workers. Each epoch is one execution of the pipeline. Decoded rows 
   (`data.shuffle_seed`, the epoch's execution index, the batch's ids) (`_seeded_by_epoch`), and
   the executions keep the block order (`preserve_order`, `SegDataConfig`): the same command
   with the same seeds gives the same batches, epoch after epoch, on one worker. With several
-  workers, which worker gets which block is decided at run time (Ray's `streaming_split`); a
-  resumed run restarts the execution index, so its later epochs see other augmentations.
+  workers, which worker gets which block is decided at run time (Ray's `streaming_split`). A
+  resumed run's datasets count on from the checkpoint's epoch (`trainer._continue_epochs`).
 - **Splits.** `train` is split evenly (`streaming_split(equal=True)`: every worker runs the same
   number of steps). Validation is split *unevenly* (`equal=False`): no row is dropped, and the
   workers' confusion matrices are summed, so the metric covers the whole split exactly.
