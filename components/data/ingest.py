@@ -39,6 +39,7 @@ from functools import partial
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data import RandomSeedConfig
@@ -103,14 +104,32 @@ def _encoded_rows(
     cache: bool,
     columns: list[str] = READ_COLUMNS,
     block_rows: int = DECODE_BATCH_ROWS,
+    chosen: tuple[frozenset[str], bool, int] | None = None,
 ) -> ray.data.Dataset:
+    """Encoded rows, one block per shard (or per `block_rows` rows for large images), in a
+    seeded block order that changes each epoch. `chosen` = (ids, keep, passes), cached path
+    only: the rows whose id is (keep) or is not (not keep) in `ids`, selected here, `passes`
+    times over, in blocks of a shard's rows (`block_rows` for large images)."""
     if cache:
         # Read here, straight into the object store: no read tasks to schedule (a
         # `read_parquet(...).materialize()` costs a minute of worker start-ups on a small
         # machine for a few kB of rows). One block per shard, or per `block_rows` rows when that is
         # below DECODE_BATCH_ROWS (large images): one decode task each.
         tables = read_shard_tables(root, split, columns)
-        if block_rows < DECODE_BATCH_ROWS:  # large images: short decode tasks
+        if chosen is not None:
+            # A labeled subset (`data.labeled_count`) is selected once here, not by a task per
+            # shard and pass: 16 rows of 512 repeated 31 times an epoch made 31 select + 31
+            # decode tasks of a few rows each (docs/benchmarks.md, issue 24).
+            ids, keep, passes = chosen
+            wanted = pa.array(sorted(ids), pa.string())
+            picked = [t.filter(pc.equal(pc.is_in(t["id"], value_set=wanted), keep)) for t in tables]
+            whole = pa.concat_tables(picked * max(1, passes))
+            # blocks as large as a shard, as without a selection (small images decode faster
+            # in few large tasks), or `block_rows` for large images
+            size = block_rows if block_rows < DECODE_BATCH_ROWS else max(map(len, tables))
+            tables = [whole.slice(i, size) for i in range(0, len(whole), size)]
+            tables = tables or [whole]  # no row chosen: one empty block, the schema kept
+        elif block_rows < DECODE_BATCH_ROWS:  # large images: short decode tasks
             tables = [t.slice(i, block_rows) for t in tables for i in range(0, len(t), block_rows)]
         ds = ray.data.from_arrow(tables)
         if seed is not None:
@@ -184,11 +203,15 @@ def train_dataset(
     cache = should_cache(data, shard_bytes(data.root, split))
     columns = [*READ_COLUMNS, "image_labels"] if weak else READ_COLUMNS
     rows = decode_rows(info, split)
+    decoder = _augmenting(decode_weak_batch if weak else decode_train_batch, data, info)
+    if keep_ids is not None and cache:  # selected and repeated once, in the driver
+        chosen = (keep_ids, True, repeat)
+        ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, columns, rows, chosen)
+        return _decoded(ds, decoder, rows)
     ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, columns, rows)
     if keep_ids is not None:
         ds = ds.map_batches(partial(_select, ids=keep_ids, keep=True), batch_format="numpy")
-    decoder = decode_weak_batch if weak else decode_train_batch
-    return _decoded(_repeat(ds, repeat), _augmenting(decoder, data, info), rows)
+    return _decoded(_repeat(ds, repeat), decoder, rows)
 
 
 def _select(batch: dict[str, np.ndarray], ids: frozenset[str], keep: bool) -> dict:
@@ -345,14 +368,17 @@ def unlabeled_dataset(
     if plan.labeled_ids is not None:
         cache = should_cache(data, shard_bytes(data.root, data.train_split))
         rows = decode_rows(info, data.train_split)
-        rest = _encoded_rows(
-            data.root, data.train_split, data.shuffle_seed + 2, cache, block_rows=rows
-        )
-        parts.append(
-            rest.map_batches(
-                partial(_select, ids=plan.labeled_ids, keep=False), batch_format="numpy"
+        seed = data.shuffle_seed + 2
+        if cache:  # the unchosen rows, selected once in the driver
+            chosen = (plan.labeled_ids, False, 1)
+            split = data.train_split
+            parts.append(
+                _encoded_rows(data.root, split, seed, cache, block_rows=rows, chosen=chosen)
             )
-        )
+        else:
+            rest = _encoded_rows(data.root, data.train_split, seed, cache, block_rows=rows)
+            select = partial(_select, ids=plan.labeled_ids, keep=False)
+            parts.append(rest.map_batches(select, batch_format="numpy"))
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     decode = _augmenting(decode_unlabeled_batch, data, info, strong=tuple(semisup.strong))
     splits = [data.unlabeled_split, data.train_split]

@@ -150,3 +150,34 @@ def test_augmentation_is_seeded_by_the_epoch(monkeypatch):
 
     assert np.array_equal(at(0), at(0)) and np.array_equal(at(1), at(1))
     assert not np.array_equal(at(0), at(1))
+
+
+@pytest.mark.slow
+def test_a_labeled_subset_is_selected_once_and_repeated_in_the_driver(ray_session, tmp_path):
+    """`data.labeled_count` on the cached path: the chosen rows, `passes` times each, selected
+    by pyarrow in the driver (not a select task per shard and pass); the rest exactly once; the
+    same rows as the streamed path's per-task selection."""
+    from collections import Counter
+
+    from components.data.ingest import _encoded_rows, _select
+
+    info = _write_dataset(tmp_path, 40, {})
+    chosen = frozenset(f"row-{i}" for i in (1, 5, 17, 33))
+
+    def ids(ds) -> Counter:
+        return Counter(str(i) for b in ds.iter_batches(batch_size=None) for i in b["id"])
+
+    kept = _encoded_rows(str(tmp_path), "train", 0, True, chosen=(chosen, True, 3))
+    assert ids(kept) == Counter({i: 3 for i in chosen})
+    rest = _encoded_rows(str(tmp_path), "train", 0, True, chosen=(chosen, False, 1))
+    assert ids(rest) == Counter({f"row-{i}": 1 for i in range(40) if f"row-{i}" not in chosen})
+    streamed = _encoded_rows(str(tmp_path), "train", 0, False).map_batches(
+        lambda b: _select(b, chosen, True), batch_format="numpy"
+    )
+    assert set(ids(streamed)) == chosen
+    # decoded: 4 rows x 3 passes
+    data = DataConfig(root=str(tmp_path), crop_size=24, cache_encoded=True)
+    rows = sum(
+        len(b["valid"]) for b in train_dataset(data, info, keep_ids=chosen, repeat=3).iter_batches()
+    )
+    assert rows == 12
