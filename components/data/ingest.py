@@ -64,6 +64,9 @@ from components.data.transforms import (
 from components.schema import DataConfig, SemiSupConfig
 
 READ_COLUMNS = ["id", "image", "mask"]
+# A selected subset (`data.labeled_count`) is repeated as rows in the object store up to this
+# size an epoch; beyond it, as the same blocks again (a union).
+REPEAT_IN_DRIVER_BYTES = 64 * 2**20
 # Rows decoded per Ray Data task call; also the window of the in-batch row shuffle.
 DECODE_BATCH_ROWS = 32
 # Large images: fewer rows per decode call and per cached block, so a split's decoding spreads
@@ -121,15 +124,29 @@ def _encoded_rows(
             # shard and pass: 16 rows of 512 repeated 31 times an epoch made 31 select + 31
             # decode tasks of a few rows each (docs/benchmarks.md, issue 24).
             ids, keep, passes = chosen
-            wanted = pa.array(sorted(ids), pa.string())
-            picked = [t.filter(pc.equal(pc.is_in(t["id"], value_set=wanted), keep)) for t in tables]
-            whole = pa.concat_tables(picked * max(1, passes))
+            picked = [
+                t.filter(pc.equal(pc.is_in(t["id"], pa.array(sorted(ids), t["id"].type)), keep))
+                for t in tables
+            ]
+            # Repeated here, as rows, while the copies are small (each is stored in the object
+            # store); larger selections repeat as the same blocks (a union) instead.
+            small = passes * sum(t.nbytes for t in picked) <= REPEAT_IN_DRIVER_BYTES
+            copies = max(1, passes) if small else 1
+            whole = pa.concat_tables(picked * copies)
             # blocks as large as a shard, as without a selection (small images decode faster
             # in few large tasks), or `block_rows` for large images
             size = block_rows if block_rows < DECODE_BATCH_ROWS else max(map(len, tables))
             tables = [whole.slice(i, size) for i in range(0, len(whole), size)]
             tables = tables or [whole]  # no row chosen: one empty block, the schema kept
-        elif block_rows < DECODE_BATCH_ROWS:  # large images: short decode tasks
+            ds = ray.data.from_arrow(tables)
+            if copies < passes:
+                ds = _repeat(ds, passes)
+            if seed is not None:
+                ds = ds.randomize_block_order(
+                    seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
+                )
+            return ds
+        if block_rows < DECODE_BATCH_ROWS:  # large images: short decode tasks
             tables = [t.slice(i, block_rows) for t in tables for i in range(0, len(t), block_rows)]
         ds = ray.data.from_arrow(tables)
         if seed is not None:

@@ -153,14 +153,20 @@ def test_augmentation_is_seeded_by_the_epoch(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_labeled_subset_is_selected_once_and_repeated_in_the_driver(ray_session, tmp_path):
+@pytest.mark.parametrize("in_driver", [True, False])
+def test_a_labeled_subset_is_selected_once_and_repeated_in_the_driver(
+    ray_session, tmp_path, monkeypatch, in_driver
+):
     """`data.labeled_count` on the cached path: the chosen rows, `passes` times each, selected
     by pyarrow in the driver (not a select task per shard and pass); the rest exactly once; the
     same rows as the streamed path's per-task selection."""
     from collections import Counter
 
+    from components.data import ingest
     from components.data.ingest import _encoded_rows, _select
 
+    if not in_driver:  # a selection too large to copy: the same blocks repeated (a union)
+        monkeypatch.setattr(ingest, "REPEAT_IN_DRIVER_BYTES", 0)
     info = _write_dataset(tmp_path, 40, {})
     chosen = frozenset(f"row-{i}" for i in (1, 5, 17, 33))
 
