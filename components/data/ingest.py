@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data import RandomSeedConfig
+from ray.data.context import DataContext
 from ray.train import DataConfig as RayDataConfig
 
 from components.data.local_val import eval_pad
@@ -119,6 +120,7 @@ def _encoded_rows(
         # machine for a few kB of rows). One block per shard, or per `block_rows` rows when that is
         # below DECODE_BATCH_ROWS (large images): one decode task each.
         tables = read_shard_tables(root, split, columns)
+        passes = 1  # the blocks' passes an epoch, as a union
         if chosen is not None:
             # A labeled subset (`data.labeled_count`) is selected once here, not by a task per
             # shard and pass: 16 rows of 512 repeated 31 times an epoch made 31 select + 31
@@ -130,25 +132,16 @@ def _encoded_rows(
             ]
             # Repeated here, as rows, while the copies are small (each is stored in the object
             # store); larger selections repeat as the same blocks (a union) instead.
-            small = passes * sum(t.nbytes for t in picked) <= REPEAT_IN_DRIVER_BYTES
-            copies = max(1, passes) if small else 1
-            whole = pa.concat_tables(picked * copies)
+            if passes * sum(t.nbytes for t in picked) <= REPEAT_IN_DRIVER_BYTES:
+                picked, passes = picked * passes, 1
+            whole = pa.concat_tables(picked)
             # blocks as large as a shard, as without a selection (small images decode faster
             # in few large tasks), or `block_rows` for large images
             size = block_rows if block_rows < DECODE_BATCH_ROWS else max(map(len, tables))
-            tables = [whole.slice(i, size) for i in range(0, len(whole), size)]
-            tables = tables or [whole]  # no row chosen: one empty block, the schema kept
-            ds = ray.data.from_arrow(tables)
-            if copies < passes:
-                ds = _repeat(ds, passes)
-            if seed is not None:
-                ds = ds.randomize_block_order(
-                    seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
-                )
-            return ds
-        if block_rows < DECODE_BATCH_ROWS:  # large images: short decode tasks
+            tables = [whole.slice(i, size) for i in range(0, len(whole), size)] or [whole]
+        elif block_rows < DECODE_BATCH_ROWS:  # large images: short decode tasks
             tables = [t.slice(i, block_rows) for t in tables for i in range(0, len(t), block_rows)]
-        ds = ray.data.from_arrow(tables)
+        ds = _repeat(ray.data.from_arrow(tables), passes)
         if seed is not None:
             ds = ds.randomize_block_order(
                 seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
@@ -195,8 +188,6 @@ def _seeded_by_epoch(batch: dict[str, np.ndarray], decode, seed: int) -> dict[st
     the counter Ray Data's own per-execution reseeding reads (`RandomSeedConfig`,
     `expressions.random`: ray/data/_internal/planner/plan_expression/synthetic_impl.py), raised
     after each finished execution (execution_idx_update_callback.py)."""
-    from ray.data.context import DataContext
-
     epoch = getattr(DataContext.get_current(), "_execution_idx", 0)
     return decode(batch, seed=(seed, epoch))
 
