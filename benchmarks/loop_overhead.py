@@ -1,4 +1,4 @@
-"""Train-step time of the Ray Train worker against a bare PyTorch loop, same model and data.
+"""Train-step time of a Ray Train run against a bare PyTorch loop, same model and data.
 
     python benchmarks/loop_overhead.py        # no arguments; about 5 minutes on 2 CPU cores
 
@@ -10,17 +10,19 @@ with the same code (`core.train_one_epoch`: forward, backward, optimizer step; t
 batch is excluded and reported apart as the data wait share).
 
 - `ray`: `trainer.fit` as pipelines/distill.py runs it, on a private local Ray instance started
-  as `init_ray` starts one (all the machine's CPUs, tasks and actors at nice 0; started for the
-  arm, outside the timing): Ray Data decode tasks, the worker process, `ray.train.report` each
-  epoch. Its step times are the worker's own epoch metrics (`step_ms_median` / `_mean` / `_p99`).
-- `ray-1thread`: the same with `trainer.torch_threads=1` (the worker's one reserved CPU).
-- `ray-nice15`: the same on an instance with Ray's default worker niceness (15), as before.
+  as `init_ray` starts one for such a run (all the machine's CPUs, tasks and actors at nice 0,
+  no dashboard; started for the arm, outside the timing): Ray Data decode tasks, the training
+  function in this process (Ray Train's local mode, the default for one worker on a private
+  instance: components/training/local_mode.py), `ray.train.report` each epoch. Its step times
+  are the run's own epoch metrics (`step_ms_median` / `_mean` / `_p99`).
+- `ray-worker`: the same in a worker process (`trainer.local_mode=false`, with the dashboard
+  its placement-group cleaner needs), the default before local mode and on clusters.
 - `bare`: one process, a DataLoader (one worker process, the same decoder) and the same
   method, optimizer and schedule; torch at its default thread count.
 
 The first epoch of every arm is warm-up and left out. Per arm and run: the mean of the epochs'
 mean step times, the median of their medians and the largest of their 99th percentiles (the
-same aggregation for every arm). The arms alternate (ray, bare, ray-1thread, ray-nice15; then rotated),
+same aggregation for every arm). The arms alternate (ray, bare, ray-worker; then rotated),
 REPEATS times each; medians over runs are compared. The last line is the mean step ratio
 (ray / bare): `... ratio X.XX`.
 """
@@ -41,10 +43,10 @@ import numpy as np
 
 REPEATS = 3
 EPOCHS = 3
-ARMS = ("ray", "bare", "ray-1thread", "ray-nice15")
+ARMS = ("ray", "bare", "ray-worker")
 
 
-def _cfg(data_root: str, teacher: str, storage: str, name: str, threads: int | None):
+def _cfg(data_root: str, teacher: str, storage: str, name: str, local_mode: bool | None = None):
     from components.config import merge_config, validate
 
     overrides = [
@@ -58,8 +60,8 @@ def _cfg(data_root: str, teacher: str, storage: str, name: str, threads: int | N
         "trainer.image_every=0",
         "trainer.progress=lines",
     ]
-    if threads is not None:
-        overrides.append(f"trainer.torch_threads={threads}")
+    if local_mode is not None:
+        overrides.append(f"trainer.local_mode={str(local_mode).lower()}")
     cfg = merge_config(None, overrides)
     validate(cfg)
     return cfg
@@ -75,11 +77,11 @@ def _aggregate(rows: list[dict]) -> dict[str, float]:
     }
 
 
-def ray_arm(data_root: str, teacher: str, storage: str, run: str, threads: int | None) -> dict:
+def ray_arm(data_root: str, teacher: str, storage: str, run: str, local_mode: bool) -> dict:
     from components.data.shards import DatasetInfo
     from components.training.trainer import fit, load_teacher
 
-    cfg = _cfg(data_root, teacher, storage, run, threads)
+    cfg = _cfg(data_root, teacher, storage, run, local_mode)
     info = DatasetInfo.load(data_root)
     t = load_teacher(teacher, cfg.teacher.model, info.num_classes)
     fit(cfg, info, run, t)
@@ -96,7 +98,7 @@ def bare_arm(data_root: str, teacher_file: str) -> dict:
     from components.training.checkpoint import load_torch_file
     from components.training.core import train_one_epoch
 
-    cfg = _cfg(data_root, teacher_file, "unused", "unused", None)
+    cfg = _cfg(data_root, teacher_file, "unused", "unused")
     info = DatasetInfo.load(data_root)
     d, k = cfg.data, info.num_classes
     teacher = build_model(cfg.teacher.model, k)
@@ -150,12 +152,11 @@ def main() -> int:
                     torch.set_num_threads(default_threads)
                     out = bare_arm(data_root, teacher_file)
                 else:
-                    env = None if arm == "ray-nice15" else LOCAL_RUNTIME_ENV
-                    start_local_ray(include_dashboard=True, dashboard_host="127.0.0.1",
-                                    runtime_env=env, log_to_driver=False)  # fmt: skip
-                    threads = 1 if arm == "ray-1thread" else None
+                    local = arm == "ray"
+                    start_local_ray(include_dashboard=not local, dashboard_host="127.0.0.1",
+                                    runtime_env=LOCAL_RUNTIME_ENV, log_to_driver=False)  # fmt: skip
                     out = ray_arm(data_root, teacher_file, str(Path(tmp) / "runs"),
-                                  f"{arm}-{r}", threads)  # fmt: skip
+                                  f"{arm}-{r}", local)  # fmt: skip
                     ray.shutdown()
                 results[arm].append(out)
                 print(f"run {r} {arm}: mean {out['mean']:.1f} ms, median {out['median']:.1f}, "

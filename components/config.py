@@ -295,6 +295,18 @@ def validate(cfg: Config) -> None:
     _check(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.num_to_keep >= 1, "trainer.num_to_keep", "must be >= 1")
     _check(t.max_failures >= -1, "trainer.max_failures", "must be >= -1")
+    if t.local_mode:
+        _check(t.num_workers == 1, "trainer.local_mode", "true needs trainer.num_workers=1")
+        _check(
+            t.max_failures == 0,
+            "trainer.local_mode",
+            "true has no worker process to restart; set trainer.max_failures=0",
+        )
+        _check(
+            "://" not in str(t.storage_path),
+            "trainer.local_mode",
+            "true writes checkpoints to a local (or mounted) trainer.storage_path, not a URI",
+        )
     _check(t.resource_wait_s >= 0, "trainer.resource_wait_s", "must be >= 0")
     _check(t.autoscale_wait_s >= 0, "trainer.autoscale_wait_s", "must be >= 0")
     _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")

@@ -310,6 +310,12 @@ class TrainerConfig:
     # Checkpoints kept by val mIoU (the best); the newest is always kept too, for resume.
     num_to_keep: int = 1
     max_failures: int = 0  # worker-group restarts from the last checkpoint within one run
+    # One worker on this command's own Ray instance: the training function runs in the driver
+    # process (Ray Train's local mode) instead of a worker actor; Ray Data still feeds it. It
+    # saves a fit's controller, worker and data-coordinator processes (seconds and GiB on a
+    # small machine). None: on when the run has 1 CPU worker, Ray was started by this command,
+    # the storage is a local folder and max_failures is 0; false: a worker process.
+    local_mode: bool | None = None
     # A cluster without an autoscaler that is too small for the run: seconds to wait for nodes to
     # join before failing with the numbers (an autoscaling cluster is checked against its maximum).
     resource_wait_s: float = 60.0

@@ -109,6 +109,7 @@ def run_pipeline(
 
     from components.data.shards import DatasetError
     from components.training.checkpoint import CheckpointError
+    from components.training.local_mode import expects_driver
     from components.training.runlock import RunFolderBusy
     from components.training.storage import check_writable
     from components.training.trainer import failure_message, prepare_dataset, storage_of
@@ -120,7 +121,7 @@ def run_pipeline(
         return fail(str(e))
     try:
         info = prepare_dataset(cfg)  # checked before Ray starts (a typo costs no start-up)
-        init_ray()
+        init_ray(dashboard=not expects_driver(cfg.trainer))
         report = execute(cfg, info, args)
     except (ConfigError, DatasetError, CheckpointError, RunFolderBusy) as e:
         return fail(str(e))
@@ -218,8 +219,11 @@ def init_ray(dashboard: bool = True) -> None:
     among the machine's processes (another user's, or another run's private one, which then
     takes this run down when its driver exits).
 
-    The local instance has its dashboard (on 127.0.0.1 only): Ray Train's placement-group
-    cleaner asks the dashboard's State API whether a run's controller is still alive. Without an
+    The local instance has its dashboard (on 127.0.0.1 only) unless `dashboard` is false (a
+    run that trains in the driver, Ray Train's local mode, has no worker group to clean up:
+    components/training/local_mode.py; its dashboard was 1.1 GiB of processes on a 2-core
+    machine): Ray Train's placement-group cleaner asks the dashboard's State API whether a
+    run's controller is still alive. Without an
     answer it logs a warning every second for the whole run, and the workers' placement group of
     every trial that Tune stops (ASHA, or at its last epoch) stays reserved until the sweep
     ends, so later trials wait for ever for the CPUs it holds. Ray binds its other ports on all

@@ -98,6 +98,10 @@ def test_wrong_type_named():
         ("eval.boundary_width=0", "eval.boundary_width"),
         ("method.adversarial.form=hinge", "method.adversarial.form"),  # 48 px crops: 6x6 logits
         ("method.adversarial.form=lsgan", "method.adversarial.form"),
+        # Local mode is one process: one worker, no worker to restart, checkpoints on a folder.
+        (["trainer.local_mode=true", "trainer.num_workers=2"], "trainer.local_mode"),
+        (["trainer.local_mode=true", "trainer.max_failures=1"], "trainer.local_mode"),
+        (["trainer.local_mode=true", "trainer.storage_path=s3://b/x"], "trainer.local_mode"),
     ],
 )
 def test_impossible_values_named(override, key):

@@ -442,6 +442,21 @@ class SegDataConfig(RayDataConfig):
         return output
 
 
+def driver_datasets(datasets: dict, training_cpus: float) -> dict:
+    """The datasets of a run in the driver (Ray Train's local mode, which hands the training
+    function the datasets as given): split for one consumer as a worker's are
+    (`SegDataConfig.configure`), so each epoch's execution runs in its split coordinator's
+    process rather than in threads of the training process (measured: steps with a long tail
+    otherwise), with the CPUs the training uses kept from Ray Data (in worker mode they are the
+    worker actor's reservation, which Ray Data does not schedule on)."""
+    from ray.data import ExecutionResources
+
+    options = SegDataConfig().default_ingest_options()
+    options.exclude_resources = options.exclude_resources.add(ExecutionResources(cpu=training_cpus))
+    config = SegDataConfig(execution_options=options)
+    return config.configure(datasets, world_size=1, worker_handles=None, worker_node_ids=None)[0]
+
+
 def steps_per_epoch(
     info: DatasetInfo, split: str, batch_size: int, num_workers: int, rows: int | None = None
 ) -> int:

@@ -33,6 +33,7 @@ from components.metrics import boundary_iou, miou, pixel_accuracy
 from components.models.build import architecture, build_model
 from components.regimes import LABELED, Regime, regime_of
 from components.training.checkpoint import (
+    META_FILE,
     CheckpointError,
     latest_resumable,
     load_full_state,
@@ -44,6 +45,7 @@ from components.training.checkpoint import (
 from components.training.core import BadDataError, EpochStats, train_one_epoch
 from components.training.distributed import all_reduce_sum, distributed, mean_terms
 from components.training.evaluation import EvalCounts, evaluate_counts
+from components.training.local_mode import keep_checkpoints
 from components.training.progress import Bar, iterate
 from components.training.runlog import RunLog, quiet_train_console, val_panels
 from components.training.schedule import Schedule, build_optimizer
@@ -156,7 +158,8 @@ def _resume(w: Worker) -> str | None:
     ):
         state, _ = load_full_state(found)
         why = "Ray's newest was unusable" if unusable else "which Ray had not registered"
-        source = f" ({found}, {why})"
+        # In the driver (local mode) the run folder is the only record: nothing to explain.
+        source = f" ({found})" if w.config.get("in_driver") else f" ({found}, {why})"
     if state is None and unusable is not None:
         # Starting over would write new checkpoints over the run's older ones.
         raise CheckpointError(
@@ -415,8 +418,14 @@ def _report(w: Worker, metrics: dict, epoch: int) -> None:
                 "progress": dict(w.progress),
                 "metrics": metrics,
             }
-            save_checkpoint(tmp, w.method.eval_model().state_dict(), full_state, meta)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            folder = tmp
+            if c.get("in_driver"):  # local mode keeps a checkpoint in memory: written here
+                folder = Path(c["run_folder"]) / f"epoch_{epoch + 1:04d}"
+                (folder / META_FILE).unlink(missing_ok=True)  # a rewrite is not "complete"
+            save_checkpoint(folder, w.method.eval_model().state_dict(), full_state, meta)
+            if c.get("in_driver"):
+                keep_checkpoints(c["run_folder"], c["num_to_keep"], warn=w.print0)
+            ckpt = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
 
 

@@ -23,8 +23,11 @@ On one worker the stage is reproducible: the data order and crops are seeded per
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +42,7 @@ from torch import Tensor, nn
 from components.config import Config, fingerprint, from_dict, to_dict
 from components.data.decode import decode_split
 from components.data.device import model_batch
-from components.data.ingest import SegDataConfig, train_dataset
+from components.data.ingest import SegDataConfig, driver_datasets, train_dataset
 from components.data.local_val import local_root
 from components.data.shards import DatasetInfo
 from components.data.synthetic import _differences, ensure_synthetic
@@ -54,6 +57,7 @@ from components.schema import (
     PretrainConfig,
     SyntheticConfig,
 )
+from components.training.local_mode import fit_in_driver, runs_in_driver
 from components.training.runlock import run_lock
 from components.training.runlog import quiet_train_console
 from components.training.storage import absolute_storage, is_uri
@@ -180,7 +184,10 @@ def _pretrain_worker(config: dict) -> None:
                     "schedule": sched.state_dict(),
                     "epoch": epoch + 1,
                 }
-                torch.save(state, Path(folder) / "state.pt")
+                if config.get("in_driver"):  # local mode keeps a checkpoint in memory only
+                    folder = _own_checkpoint(Path(config["run_folder"]), state)
+                else:
+                    torch.save(state, Path(folder) / "state.pt")
                 print(
                     f"pretrain epoch {epoch + 1}/{p.epochs}: loss {metrics['loss']:.4f}, "
                     f"val F1 {100 * metrics['val_f1']:.1f}%, {metrics['epoch_s']:.1f} s",
@@ -189,6 +196,22 @@ def _pretrain_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(metrics)
+
+
+def _own_checkpoint(run_folder: Path, state: dict, keep: int = 2) -> str:
+    """A local-mode run's checkpoint, written where Ray's would be (`checkpoint_<time>`, the
+    name `_newest_state` sorts by) with its state file complete or absent; the `keep` newest
+    kept, as the worker mode's `CheckpointConfig(num_to_keep=2)`."""
+    now = datetime.datetime.now()
+    folder = run_folder / f"checkpoint_{now:%Y-%m-%d_%H-%M-%S}.{now.microsecond // 1000:03d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / "state.pt")
+    found = sorted(run_folder.glob("checkpoint_*/state.pt"), key=lambda f: f.parent.name)
+    for old in found[:-keep]:
+        shutil.rmtree(old.parent, ignore_errors=True)
+    return str(folder)
 
 
 def pretrain_name(model: ModelConfig, p: PretrainConfig) -> str:
@@ -250,6 +273,7 @@ def pretrained_backbone(model: ModelConfig, cfg: Config, log=print) -> str:
             f"classification on {p.root} ({p.num_images} images, {p.epochs} epochs)"
         )
         request = _request(cfg)
+        in_driver = runs_in_driver(cfg.trainer, request)
         quiet_ray_data(not cfg.trainer.verbose)  # before the dataset copies the context
         data = DataConfig(
             root=p.root, crop_size=p.size, batch_size=p.batch_size, cache_encoded=True
@@ -265,12 +289,19 @@ def pretrained_backbone(model: ModelConfig, cfg: Config, log=print) -> str:
             "steps_per_epoch": steps,
             "resume": _newest_state(folder),
             "verbose": cfg.trainer.verbose,
+            "in_driver": in_driver,
+            "run_folder": str(folder),
         }
+        datasets = {"train": train_dataset(data, info, weak=True).select_columns(list(COLUMNS))}
+        if in_driver:  # the training function in this process (local_mode.py)
+            datasets = driver_datasets(datasets, request.per_worker["CPU"])
+            if not cfg.trainer.verbose:
+                logging.getLogger("ray.train").setLevel(logging.WARNING)
         trainer = ray.train.torch.TorchTrainer(
             _pretrain_worker,
             train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(
-                num_workers=request.num_workers,
+                num_workers=0 if in_driver else request.num_workers,
                 use_gpu=request.use_gpu,
                 resources_per_worker=request.per_worker,
             ),
@@ -283,10 +314,10 @@ def pretrained_backbone(model: ModelConfig, cfg: Config, log=print) -> str:
                     log_level="INFO" if cfg.trainer.verbose else "WARNING"
                 ),
             ),
-            datasets={"train": train_dataset(data, info, weak=True).select_columns(list(COLUMNS))},
+            datasets=datasets,
             dataset_config=SegDataConfig(uneven=()),
         )
-        result = trainer.fit()
+        result = fit_in_driver(trainer) if in_driver else trainer.fit()
         state = torch.load(
             Path(result.checkpoint.path) / "state.pt", map_location="cpu", weights_only=True
         )["model"]

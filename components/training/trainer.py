@@ -12,6 +12,7 @@ the file or key named instead of deep inside a worker.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from components.config import (
     to_yaml,
     validate_against_dataset,
 )
-from components.data.ingest import SegDataConfig
+from components.data.ingest import SegDataConfig, driver_datasets
 from components.data.local_val import local_root, val_in_workers
 from components.data.shards import DatasetInfo, list_shards, resolve_fs, write_atomic
 from components.data.synthetic import ensure_synthetic
@@ -48,6 +49,7 @@ from components.training.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
+from components.training.local_mode import fit_in_driver, runs_in_driver
 from components.training.loop import train_loop_per_worker
 from components.training.pretrain import resolve_pretrained
 from components.training.progress import wants_bars
@@ -145,6 +147,7 @@ NOT_IN_NAME = (
     "trainer.eval_every",
     "trainer.sync_bn",
     "trainer.autoscale_wait_s",
+    "trainer.local_mode",
     "data.val_in_workers",
     "model.pretrained_partial",
     "teacher.model.pretrained_partial",
@@ -402,6 +405,7 @@ def build_trainer(
     callbacks: list | None = None,
 ):
     request = _request(cfg)
+    in_driver = runs_in_driver(cfg.trainer, request)
     quiet_ray_data(not cfg.trainer.verbose)  # before the datasets copy the context
     datasets, steps = regime_of(cfg.method.name).build_datasets(cfg, info, request.num_workers)
     val_local = None
@@ -410,6 +414,10 @@ def build_trainer(
         val_local = {"root": local_root(cfg.data.root), "info": info.to_json()}
     resume = _resumable(cfg, name)
     _continue_epochs(datasets, resume)
+    if in_driver:  # no worker, so no DataConfig: the splits' options set here
+        datasets = driver_datasets(datasets, request.per_worker["CPU"])
+        if not cfg.trainer.verbose:  # its "local mode" notice and a dump of every report
+            logging.getLogger("ray.train").setLevel(logging.WARNING)
     loop_config = {
         "cfg": to_dict(cfg),
         "num_classes": info.num_classes,
@@ -423,6 +431,8 @@ def build_trainer(
         "val_rows": info.splits[cfg.data.val_split].rows,
         "val_in_workers": val_local,
         "panel_rows": ray.put(panel_rows(cfg, info)) if cfg.trainer.image_every else None,
+        "in_driver": in_driver,
+        "num_to_keep": cfg.trainer.num_to_keep,
     }
     if teacher is not None:
         loop_config["teacher_state"] = ray.put(teacher.state)
@@ -432,7 +442,7 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=request.num_workers,
+            num_workers=0 if in_driver else request.num_workers,  # 0: Ray Train's local mode
             use_gpu=request.use_gpu,
             resources_per_worker=request.per_worker,
         ),
@@ -505,7 +515,9 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
                 f"(trainer.cpus_per_worker={cfg.trainer.cpus_per_worker:g} would not fit)",
                 flush=True,
             )
-        result = build_trainer(cfg, info, name, teacher).fit()
+        trainer = build_trainer(cfg, info, name, teacher)
+        in_driver = trainer.scaling_config.num_workers == 0
+        result = fit_in_driver(trainer) if in_driver else trainer.fit()
     checkpoint = result.checkpoint
     metrics = dict(result.metrics or {})
     folder = None

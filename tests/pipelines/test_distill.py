@@ -217,11 +217,14 @@ def test_truncated_teacher_checkpoint_named(
     assert str(path) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("local_mode", ["false", "true"])
 def test_killed_driver_resumes_from_its_last_checkpoint(
-    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys, local_mode
 ):
     """`kill -9` of `python pipelines/distill.py` mid-run, then the same command again: the run
-    continues from its last complete checkpoint, with the optimizer state, to the end."""
+    continues from its last complete checkpoint, with the optimizer state, to the end. Both
+    ways a run trains: in a worker process, and in the driver (local mode), which writes its
+    checkpoints itself."""
     import os
     import signal
     import subprocess
@@ -244,6 +247,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint(
             "teacher.checkpoint": str(teacher),
             "teacher.model.width": "0.125",
             "trainer.epochs": str(epochs),
+            "trainer.local_mode": local_mode,
         },
     )
     root = Path(__file__).parents[2]
@@ -435,15 +439,18 @@ def test_the_same_command_gives_the_same_run(ray_session, tiny_data, tiny_overri
     """Issue 21: the same command with the same seeds trains the same weights on CPU (one
     worker): data order and augmentation are seeded per epoch (components/data/ingest.py), the
     model's init and the worker's torch RNG by trainer.seed. (A killed and resumed run against
-    an uninterrupted one: test_killed_driver_resumes_from_its_last_checkpoint.)"""
+    an uninterrupted one: test_killed_driver_resumes_from_its_last_checkpoint.) A run in the
+    driver (local mode, the default for one worker on the Ray instance a command started, as
+    here) trains what a run in a worker process trains, to the bit."""
     runs = []
-    for name in ("a", "b"):
+    for name, mode in (("a", "true"), ("b", "true"), ("c", "false")):
         storage = tmp_path / name
         args = tiny_overrides(tiny_data, str(storage), **{"trainer.epochs": "2"})
-        assert distill.main([*args, "method.name=none"]) == 0
+        assert distill.main([*args, "method.name=none", f"trainer.local_mode={mode}"]) == 0
         run = _run_dir(storage, "distill-none-resnet18")
         weights, meta = load_model_state(resolve_checkpoint(run))
         runs.append((meta["metrics"], weights))
-    (m1, w1), (m2, w2) = runs
-    assert (m1["loss"], m1["miou"]) == (m2["loss"], m2["miou"])
-    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    (m1, w1), *others = runs
+    for m2, w2 in others:
+        assert (m1["loss"], m1["miou"]) == (m2["loss"], m2["miou"])
+        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -176,9 +176,12 @@ def test_relative_storage_under_a_job_is_not_ray_s_temporary_working_dir(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("local_mode", ["false", "true"])
 def test_a_corrupted_newest_checkpoint_resumes_from_the_one_before(
-    ray_session, tiny_data, tiny_overrides, tmp_path, capsys
+    ray_session, tiny_data, tiny_overrides, tmp_path, capsys, local_mode
 ):
+    """In a worker, Ray's record names the corrupted newest checkpoint and the run folder's
+    verified one replaces it; in the driver (local mode) the run folder is the only record."""
     from components.training.checkpoint import verify_files
 
     extra = {
@@ -186,6 +189,7 @@ def test_a_corrupted_newest_checkpoint_resumes_from_the_one_before(
         "trainer.epochs": "2",
         "trainer.num_to_keep": "2",
         "trainer.name": "run",
+        "trainer.local_mode": local_mode,
     }
     args = tiny_overrides(tiny_data, str(tmp_path / "out"), **extra)
     assert distill.main(args) == 0
@@ -202,7 +206,9 @@ def test_a_corrupted_newest_checkpoint_resumes_from_the_one_before(
     text = out.out + out.err
     assert "already finished" not in text
     assert f"skipping checkpoint {run / 'epoch_0002'}" in text and "SHA-256 differs" in text
-    assert "resumed from checkpoint: epoch 1" in text and "newest was unusable" in text
+    assert f"resumed from checkpoint: epoch 1, iteration 12 ({run / 'epoch_0001'}" in text
+    if local_mode == "false":
+        assert "newest was unusable" in text
     verify_files(run / "epoch_0002")  # written again, whole
 
 

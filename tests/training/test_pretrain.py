@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,8 +143,13 @@ def test_pretraining_writes_a_backbone_that_loads_and_is_reused(ray_session, tmp
     # config holds the file, which loads as any pretrained file does.
     assert from_dict(to_dict(resolved)).model.pretrained == path
     # The same stage made again elsewhere (the images reused) gives the same weights: the data
-    # order and crops are seeded per epoch, the init by pretrain.seed (issue 21).
-    again = merge_config(None, [*overrides, f"trainer.storage_path={tmp_path / 'again'}"])
+    # order and crops are seeded per epoch, the init by pretrain.seed (issue 21). The first was
+    # made in this process (local mode: this session started its Ray), this one in a worker.
+    assert len(list(Path(path).parent.glob("checkpoint_*/state.pt"))) == 2  # its own, kept
+    again = merge_config(
+        None,
+        [*overrides, f"trainer.storage_path={tmp_path / 'again'}", "trainer.local_mode=false"],
+    )
     other = torch.load(
         resolve_pretrained(again, log=lines.append).model.pretrained, weights_only=True
     )
