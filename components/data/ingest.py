@@ -21,7 +21,7 @@ split across workers. Each epoch is one execution of the pipeline. Decoded rows 
   (`RandomSeedConfig(seed, reseed_after_execution=True)`). Rows are also permuted inside each
   decode batch. Ray's local shuffle buffer is not used (slow, and it breaks DDP step parity).
 - **Reproducible.** The in-batch permutation and the augmentation are seeded by
-  (`data.shuffle_seed`, the epoch's execution index, the batch's ids) (`_seeded_by_epoch`), and
+  (`data.shuffle_seed`, the epoch's execution index, the batch's ids) (`tasks.seeded_by_epoch`), and
   the executions keep the block order (`preserve_order`, `SegDataConfig`): the same command
   with the same seeds gives the same batches, epoch after epoch, on one worker. With several
   workers, which worker gets which block is decided at run time (Ray's `streaming_split`). A
@@ -43,7 +43,6 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data import RandomSeedConfig
-from ray.data.context import DataContext
 from ray.train import DataConfig as RayDataConfig
 
 from components.data.local_val import eval_pad
@@ -51,11 +50,11 @@ from components.data.shards import (
     DatasetError,
     DatasetInfo,
     list_shards,
-    read_shard_table,
     read_shard_tables,
     read_split_table,
     resolve_fs,
 )
+from components.data.tasks import read_shards, seeded_by_epoch, select_rows
 from components.data.transforms import (
     decode_eval_batch,
     decode_train_batch,
@@ -155,19 +154,13 @@ def _encoded_rows(
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     if seed is not None:
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    read = partial(_read_shards, root=root, split=split, columns=columns)
+    read = partial(read_shards, root=root, split=split, columns=columns)
     return ds.map_batches(read, batch_size=1, batch_format="pyarrow")
-
-
-def _read_shards(batch: pa.Table, root: str, split: str, columns: list[str]) -> pa.Table:
-    return pa.concat_tables(
-        read_shard_table(root, split, shard, columns) for shard in batch.column("shard").to_pylist()
-    )
 
 
 def _augmenting(decoder, data: DataConfig, info: DatasetInfo, **extra):
     """A training decoder with the config's crop, scale range and flip; rows are permuted
-    inside each decode batch; both seeded per epoch (`_seeded_by_epoch`)."""
+    inside each decode batch; both seeded per epoch (`tasks.seeded_by_epoch`)."""
     decode = partial(
         decoder,
         crop_size=data.crop_size,
@@ -179,17 +172,7 @@ def _augmenting(decoder, data: DataConfig, info: DatasetInfo, **extra):
         normalized=False,  # uint8 rows; normalised on the worker's device (data/device.py)
         **extra,
     )
-    return partial(_seeded_by_epoch, decode=decode, seed=data.shuffle_seed)
-
-
-def _seeded_by_epoch(batch: dict[str, np.ndarray], decode, seed: int) -> dict[str, np.ndarray]:
-    """`decode(batch)` seeded by (seed, the epoch, the batch's ids): reproducible, and new each
-    epoch. The epoch is the dataset's execution index as the task sees it in its DataContext:
-    the counter Ray Data's own per-execution reseeding reads (`RandomSeedConfig`,
-    `expressions.random`: ray/data/_internal/planner/plan_expression/synthetic_impl.py), raised
-    after each finished execution (execution_idx_update_callback.py)."""
-    epoch = getattr(DataContext.get_current(), "_execution_idx", 0)
-    return decode(batch, seed=(seed, epoch))
+    return partial(seeded_by_epoch, decode=decode, seed=data.shuffle_seed)
 
 
 def _decoded(ds: ray.data.Dataset, decode, rows: int = DECODE_BATCH_ROWS) -> ray.data.Dataset:
@@ -218,14 +201,8 @@ def train_dataset(
         return _decoded(ds, decoder, rows)
     ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, columns, rows)
     if keep_ids is not None:
-        ds = ds.map_batches(partial(_select, ids=keep_ids, keep=True), batch_format="numpy")
+        ds = ds.map_batches(partial(select_rows, ids=keep_ids, keep=True), batch_format="numpy")
     return _decoded(_repeat(ds, repeat), decoder, rows)
-
-
-def _select(batch: dict[str, np.ndarray], ids: frozenset[str], keep: bool) -> dict:
-    """The rows whose id is (keep=True) or is not (keep=False) in `ids`."""
-    chosen = np.array([(str(i) in ids) == keep for i in batch["id"]], dtype=bool)
-    return {k: v[chosen] for k, v in batch.items()}
 
 
 def _repeat(ds: ray.data.Dataset, times: int) -> ray.data.Dataset:
@@ -385,7 +362,7 @@ def unlabeled_dataset(
             )
         else:
             rest = _encoded_rows(data.root, data.train_split, seed, cache, block_rows=rows)
-            select = partial(_select, ids=plan.labeled_ids, keep=False)
+            select = partial(select_rows, ids=plan.labeled_ids, keep=False)
             parts.append(rest.map_batches(select, batch_format="numpy"))
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     decode = _augmenting(decode_unlabeled_batch, data, info, strong=tuple(semisup.strong))

@@ -127,7 +127,8 @@ def test_the_same_seed_gives_the_same_batches_and_every_epoch_new_ones(
 
 
 def test_augmentation_is_seeded_by_the_epoch(monkeypatch):
-    """`_seeded_by_epoch` reads the execution index Ray Data keeps in the task's DataContext."""
+    """`tasks.seeded_by_epoch` reads the execution index Ray Data keeps in the task's
+    DataContext."""
     from ray.data.context import DataContext
 
     from components.data.ingest import _augmenting
@@ -163,7 +164,8 @@ def test_a_labeled_subset_is_selected_once_and_repeated_in_the_driver(
     from collections import Counter
 
     from components.data import ingest
-    from components.data.ingest import _encoded_rows, _select
+    from components.data.ingest import _encoded_rows
+    from components.data.tasks import select_rows
 
     if not in_driver:  # a selection too large to copy: the same blocks repeated (a union)
         monkeypatch.setattr(ingest, "REPEAT_IN_DRIVER_BYTES", 0)
@@ -178,7 +180,7 @@ def test_a_labeled_subset_is_selected_once_and_repeated_in_the_driver(
     rest = _encoded_rows(str(tmp_path), "train", 0, True, chosen=(chosen, False, 1))
     assert ids(rest) == Counter({f"row-{i}": 1 for i in range(40) if f"row-{i}" not in chosen})
     streamed = _encoded_rows(str(tmp_path), "train", 0, False).map_batches(
-        lambda b: _select(b, chosen, True), batch_format="numpy"
+        lambda b: select_rows(b, chosen, True), batch_format="numpy"
     )
     assert set(ids(streamed)) == chosen
     # decoded: 4 rows x 3 passes
@@ -187,3 +189,21 @@ def test_a_labeled_subset_is_selected_once_and_repeated_in_the_driver(
         len(b["valid"]) for b in train_dataset(data, info, keep_ids=chosen, repeat=3).iter_batches()
     )
     assert rows == 12
+
+
+def test_the_tasks_functions_import_no_torch():
+    """Every function a Ray Data task unpickles makes its worker import that function's module:
+    the dataset plans of ingest.py hold only functions of torch-free modules (tasks.py and the
+    decoders), so a decode worker does not pay torch's import (about 2 s and 300 MB here)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, components.data.tasks, components.data.transforms; "
+        "print('torch' in sys.modules, 'ray.train' in sys.modules)"
+    )
+    root = str(__import__("pathlib").Path(__file__).parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
