@@ -89,6 +89,11 @@ def check_sweep(spec: SweepSpec) -> int:
             to_tune(dist)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{spec.source}: search '{key}': {dist.text()}: {e}") from e
+    if spec.base.trainer.local_mode:
+        raise ConfigError(
+            f"{spec.source}: 'trainer.local_mode': a trial trains in Ray Train's workers (its "
+            "driver reserves no CPU for training); leave it unset or false in a sweep"
+        )
     limit = concurrency(spec)
     storage, name = sweep_paths(spec)
     check_writable(storage, key="sweep.storage_path")

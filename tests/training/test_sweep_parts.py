@@ -115,3 +115,10 @@ def test_rerun_must_be_the_same_sweep(monkeypatch, tmp_path):
     assert sweep.check_sweep(make("loguniform(0.1, 10)")) == 2  # the same sweep continues
     with pytest.raises(ConfigError, match=r"holds a different sweep \(search differ\)"):
         sweep.check_sweep(make("loguniform(0.1, 100)"))
+
+
+def test_a_sweep_refuses_local_mode():
+    """A trial's driver reserves no CPU for training (`sweep.driver_cpus: 0`), so a trial may
+    not train in its driver: the sweep is refused before Ray starts, naming the key."""
+    with pytest.raises(ConfigError, match=r"t: 'trainer\.local_mode'"):
+        sweep.check_sweep(_spec(local_mode=True))
