@@ -7,6 +7,17 @@ import torch
 import torch.distributed as dist
 
 
+def set_cpu_threads(setting: int | None) -> None:
+    """A CPU worker's torch threads: `trainer.torch_threads`, else this node's cores shared by
+    its workers. Ray sets OMP_NUM_THREADS to a worker actor's CPUs (1), which torch would
+    follow; a run in the driver (local mode) would keep torch's own default. Both ways train
+    with the same count, so they train the same floats."""
+    import os
+
+    local_workers = max(1, ray.train.get_context().get_local_world_size())
+    torch.set_num_threads(setting or max(1, (os.cpu_count() or 1) // local_workers))
+
+
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -18,6 +18,7 @@ module does instead:
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -59,9 +60,14 @@ def expects_driver(t: TrainerConfig) -> bool:
 def keep_checkpoints(run_folder: str | Path, num_to_keep: int, warn=print) -> list[Path]:
     """Delete the run's checkpoint folders that Ray's `CheckpointConfig(num_to_keep,
     checkpoint_score_attribute="miou", checkpoint_score_order="max")` would: keep the
-    `num_to_keep` best by val mIoU (ties: the newer), and the newest always. Returns the
-    deleted folders."""
-    folders = checkpoint_folders(run_folder, warn)  # oldest first
+    `num_to_keep` best by val mIoU (ties: the newer), and the newest always. Only the run's own
+    `epoch_NNNN` folders are candidates (anything else a user put in the run folder stays).
+    Returns the deleted folders."""
+    folders = [  # oldest first
+        f
+        for f in checkpoint_folders(run_folder, warn)
+        if f.parent == Path(run_folder) and f.name.startswith("epoch_")
+    ]
     if len(folders) <= num_to_keep:
         return []
 
@@ -77,14 +83,29 @@ def keep_checkpoints(run_folder: str | Path, num_to_keep: int, warn=print) -> li
     return gone
 
 
-def fit_in_driver(trainer):
-    """`trainer.fit()` in local mode, a failure raised as Ray raises a worker's."""
+def driver_inputs(datasets: dict, request: Request, verbose: bool) -> dict:
+    """What a fit in the driver needs before its TorchTrainer is made: its datasets as one
+    consumer's splits with the training's CPUs kept from Ray Data (`ingest.driver_datasets`),
+    and Ray Train's own INFO lines (a "local mode" notice, a dump of every report) kept to
+    --verbose, as `LoggingConfig` keeps a worker's."""
+    from components.data.ingest import driver_datasets
+
+    if not verbose:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    return driver_datasets(datasets, request.per_worker["CPU"])
+
+
+def fit(trainer):
+    """`trainer.fit()`; in local mode (`num_workers=0`) a failure of the training function is
+    raised as Ray raises a worker's."""
     import ray.train
 
+    if trainer.scaling_config.num_workers != 0:
+        return trainer.fit()
     try:
         return trainer.fit()
     except Exception as e:
         raise ray.train.WorkerGroupError(f"{type(e).__name__}: {e}", {0: e}) from e
 
 
-__all__ = ["expects_driver", "fit_in_driver", "keep_checkpoints", "runs_in_driver"]
+__all__ = ["driver_inputs", "expects_driver", "fit", "keep_checkpoints", "runs_in_driver"]

@@ -10,7 +10,6 @@ newer complete checkpoint the driver found in the run folder).
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,7 +42,12 @@ from components.training.checkpoint import (
     set_rng_state,
 )
 from components.training.core import BadDataError, EpochStats, train_one_epoch
-from components.training.distributed import all_reduce_sum, distributed, mean_terms
+from components.training.distributed import (
+    all_reduce_sum,
+    distributed,
+    mean_terms,
+    set_cpu_threads,
+)
 from components.training.evaluation import EvalCounts, evaluate_counts
 from components.training.local_mode import keep_checkpoints
 from components.training.progress import Bar, iterate
@@ -110,8 +114,7 @@ def _setup(config: dict) -> Worker:
     on_gpu = device.type == "cuda"
     torch.manual_seed(t.seed * 1000 + rank)
     if not on_gpu:
-        local_workers = max(1, ctx.get_local_world_size())
-        torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // local_workers))
+        set_cpu_threads(t.torch_threads)
     student = build_model(cfg.model, k).to(device)
     teacher = _build_teacher(config, k, device)
     if on_gpu and t.channels_last:

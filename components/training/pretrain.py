@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 from components.config import Config, fingerprint, from_dict, to_dict
 from components.data.decode import decode_split
 from components.data.device import model_batch
-from components.data.ingest import SegDataConfig, driver_datasets, train_dataset
+from components.data.ingest import SegDataConfig, train_dataset
 from components.data.local_val import local_root
 from components.data.shards import DatasetInfo
 from components.data.synthetic import _differences, ensure_synthetic
@@ -57,7 +56,8 @@ from components.schema import (
     PretrainConfig,
     SyntheticConfig,
 )
-from components.training.local_mode import fit_in_driver, runs_in_driver
+from components.training import local_mode
+from components.training.distributed import set_cpu_threads
 from components.training.runlock import run_lock
 from components.training.runlog import quiet_train_console
 from components.training.storage import absolute_storage, is_uri
@@ -128,6 +128,8 @@ def _pretrain_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     torch.manual_seed(p.seed + ctx.get_world_rank())
     device = ray.train.torch.get_device()
+    if device.type != "cuda":  # as the segmentation runs (2 on this machine; was Ray's 1)
+        set_cpu_threads(config.get("torch_threads"))
     net = Classifier(build_encoder(model_cfg), k - 1).to(device)
     lr, wd = _hyper(model_cfg, p)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
@@ -273,7 +275,7 @@ def pretrained_backbone(model: ModelConfig, cfg: Config, log=print) -> str:
             f"classification on {p.root} ({p.num_images} images, {p.epochs} epochs)"
         )
         request = _request(cfg)
-        in_driver = runs_in_driver(cfg.trainer, request)
+        in_driver = local_mode.runs_in_driver(cfg.trainer, request)
         quiet_ray_data(not cfg.trainer.verbose)  # before the dataset copies the context
         data = DataConfig(
             root=p.root, crop_size=p.size, batch_size=p.batch_size, cache_encoded=True
@@ -291,12 +293,11 @@ def pretrained_backbone(model: ModelConfig, cfg: Config, log=print) -> str:
             "verbose": cfg.trainer.verbose,
             "in_driver": in_driver,
             "run_folder": str(folder),
+            "torch_threads": cfg.trainer.torch_threads,
         }
         datasets = {"train": train_dataset(data, info, weak=True).select_columns(list(COLUMNS))}
         if in_driver:  # the training function in this process (local_mode.py)
-            datasets = driver_datasets(datasets, request.per_worker["CPU"])
-            if not cfg.trainer.verbose:
-                logging.getLogger("ray.train").setLevel(logging.WARNING)
+            datasets = local_mode.driver_inputs(datasets, request, cfg.trainer.verbose)
         trainer = ray.train.torch.TorchTrainer(
             _pretrain_worker,
             train_loop_config=loop_config,
@@ -317,7 +318,7 @@ def pretrained_backbone(model: ModelConfig, cfg: Config, log=print) -> str:
             datasets=datasets,
             dataset_config=SegDataConfig(uneven=()),
         )
-        result = fit_in_driver(trainer) if in_driver else trainer.fit()
+        result = local_mode.fit(trainer)
         state = torch.load(
             Path(result.checkpoint.path) / "state.pt", map_location="cpu", weights_only=True
         )["model"]

@@ -12,7 +12,6 @@ the file or key named instead of deep inside a worker.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +33,14 @@ from components.config import (
     to_yaml,
     validate_against_dataset,
 )
-from components.data.ingest import SegDataConfig, driver_datasets
+from components.data.ingest import SegDataConfig
 from components.data.local_val import local_root, val_in_workers
 from components.data.shards import DatasetInfo, list_shards, resolve_fs, write_atomic
 from components.data.synthetic import ensure_synthetic
 from components.models.build import architecture, build_model
 from components.models.checkpointed import is_bare_file, load_bare_state
 from components.regimes import regime_of
+from components.training import local_mode
 from components.training.checkpoint import (
     CheckpointError,
     latest_resumable,
@@ -49,7 +49,6 @@ from components.training.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from components.training.local_mode import fit_in_driver, runs_in_driver
 from components.training.loop import train_loop_per_worker
 from components.training.pretrain import resolve_pretrained
 from components.training.progress import wants_bars
@@ -405,7 +404,7 @@ def build_trainer(
     callbacks: list | None = None,
 ):
     request = _request(cfg)
-    in_driver = runs_in_driver(cfg.trainer, request)
+    in_driver = local_mode.runs_in_driver(cfg.trainer, request)
     quiet_ray_data(not cfg.trainer.verbose)  # before the datasets copy the context
     datasets, steps = regime_of(cfg.method.name).build_datasets(cfg, info, request.num_workers)
     val_local = None
@@ -415,9 +414,7 @@ def build_trainer(
     resume = _resumable(cfg, name)
     _continue_epochs(datasets, resume)
     if in_driver:  # no worker, so no DataConfig: the splits' options set here
-        datasets = driver_datasets(datasets, request.per_worker["CPU"])
-        if not cfg.trainer.verbose:  # its "local mode" notice and a dump of every report
-            logging.getLogger("ray.train").setLevel(logging.WARNING)
+        datasets = local_mode.driver_inputs(datasets, request, cfg.trainer.verbose)
     loop_config = {
         "cfg": to_dict(cfg),
         "num_classes": info.num_classes,
@@ -515,9 +512,7 @@ def fit(cfg: Config, info: DatasetInfo, name: str, teacher: Teacher | None = Non
                 f"(trainer.cpus_per_worker={cfg.trainer.cpus_per_worker:g} would not fit)",
                 flush=True,
             )
-        trainer = build_trainer(cfg, info, name, teacher)
-        in_driver = trainer.scaling_config.num_workers == 0
-        result = fit_in_driver(trainer) if in_driver else trainer.fit()
+        result = local_mode.fit(build_trainer(cfg, info, name, teacher))
     checkpoint = result.checkpoint
     metrics = dict(result.metrics or {})
     folder = None

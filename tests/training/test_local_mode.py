@@ -13,7 +13,7 @@ import torch
 from components.schema import TrainerConfig
 from components.training import local_mode
 from components.training.checkpoint import save_checkpoint
-from components.training.local_mode import fit_in_driver, keep_checkpoints, runs_in_driver
+from components.training.local_mode import fit, keep_checkpoints, runs_in_driver
 from components.training.resources import Request
 
 
@@ -51,8 +51,10 @@ def test_keep_checkpoints_ties_keep_the_newer_and_leaves_other_files(tmp_path: P
     _save(run, 3, 0.1)
     (run / "metrics.jsonl").write_text("{}\n")
     (run / "tensorboard").mkdir()
+    # A model-only copy a user saved into the run folder: a checkpoint, but not the run's own.
+    save_checkpoint(run / "export", {"w": torch.zeros(1)}, None, {"progress": {"iteration": 0}})
     keep_checkpoints(run, 1)
-    assert _kept(run) == ["epoch_0002", "epoch_0003", "metrics.jsonl", "tensorboard"]
+    assert _kept(run) == ["epoch_0002", "epoch_0003", "export", "metrics.jsonl", "tensorboard"]
 
 
 def _request(workers: int = 1, gpu: bool = False) -> Request:
@@ -84,11 +86,13 @@ def test_a_failure_in_the_driver_is_raised_as_a_workers():
     from components.training.trainer import failure_message
 
     class Trainer:
+        scaling_config = ray.train.ScalingConfig(num_workers=0)
+
         def fit(self):
             raise BadDataError("row 'x7' of train-00001.parquet: mask has 3 channels")
 
     with pytest.raises(ray.train.TrainingFailedError) as caught:
-        fit_in_driver(Trainer())
+        fit(Trainer())
     assert failure_message(caught.value) == (
         "BadDataError: row 'x7' of train-00001.parquet: mask has 3 channels"
     )
