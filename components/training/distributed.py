@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ray.train.torch
 import torch
 import torch.distributed as dist
@@ -12,8 +14,6 @@ def set_cpu_threads(setting: int | None) -> None:
     its workers. Ray sets OMP_NUM_THREADS to a worker actor's CPUs (1), which torch would
     follow; a run in the driver (local mode) would keep torch's own default. Both ways train
     with the same count, so they train the same floats."""
-    import os
-
     local_workers = max(1, ray.train.get_context().get_local_world_size())
     torch.set_num_threads(setting or max(1, (os.cpu_count() or 1) // local_workers))
 

@@ -28,18 +28,17 @@ from components.training.resources import Request, started_here
 from components.training.storage import is_uri
 
 
+def _one_cpu_worker_here(t: TrainerConfig, num_workers: int, gpu: bool) -> bool:
+    """One CPU worker, local (or mounted) storage, no worker restarts asked for."""
+    return num_workers == 1 and not gpu and t.max_failures == 0 and not is_uri(str(t.storage_path))
+
+
 def runs_in_driver(t: TrainerConfig, request: Request) -> bool:
     """`trainer.local_mode`, or (None) whether this run is one CPU worker on a Ray instance
     this command started, with local storage and no worker restarts asked for."""
     if t.local_mode is not None:
         return t.local_mode
-    return (
-        request.num_workers == 1
-        and not request.use_gpu
-        and t.max_failures == 0
-        and not is_uri(str(t.storage_path))
-        and started_here()
-    )
+    return _one_cpu_worker_here(t, request.num_workers, request.use_gpu) and started_here()
 
 
 def expects_driver(t: TrainerConfig) -> bool:
@@ -52,9 +51,7 @@ def expects_driver(t: TrainerConfig) -> bool:
     import torch
 
     gpu = t.use_gpu if t.use_gpu is not None else torch.cuda.is_available()
-    return (
-        t.num_workers == 1 and not gpu and t.max_failures == 0 and not is_uri(str(t.storage_path))
-    )
+    return _one_cpu_worker_here(t, t.num_workers, gpu)
 
 
 def keep_checkpoints(run_folder: str | Path, num_to_keep: int, warn=print) -> list[Path]:

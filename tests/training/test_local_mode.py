@@ -97,3 +97,15 @@ def test_a_failure_in_the_driver_is_raised_as_a_workers():
         "BadDataError: row 'x7' of train-00001.parquet: mask has 3 channels"
     )
     assert isinstance(caught.value.__cause__, BadDataError)
+
+
+def test_expects_driver_before_ray_starts(monkeypatch):
+    """The same rule before Ray starts (the command then starts Ray without its dashboard),
+    with the GPUs torch sees standing in for the ones Ray will find."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_mode.expects_driver(TrainerConfig())
+    assert not local_mode.expects_driver(TrainerConfig(num_workers=2))
+    assert not local_mode.expects_driver(TrainerConfig(local_mode=False))
+    assert not local_mode.expects_driver(TrainerConfig(use_gpu=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not local_mode.expects_driver(TrainerConfig())
