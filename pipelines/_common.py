@@ -208,7 +208,19 @@ def _ray_data_logging_config() -> str:
     fd, path = tempfile.mkstemp(prefix="segdistill-ray-data-logging-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(config, f, sort_keys=True)
-    atexit.register(lambda: Path(path).unlink(missing_ok=True))
+
+    def remove() -> None:
+        # Ray's own at-exit shutdown was registered first (at import), so it would run after
+        # this: a process Ray starts meanwhile (Ray Data's detached autoscaling coordinator,
+        # created as a dataset's last execution ends) would find no file and print a traceback
+        # (seen with evaluate.py). Ray is stopped first here; its own call is then a no-op.
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        Path(path).unlink(missing_ok=True)
+
+    atexit.register(remove)
     return path
 
 
@@ -220,10 +232,10 @@ def init_ray(dashboard: bool = True) -> None:
     takes this run down when its driver exits).
 
     The local instance has its dashboard (on 127.0.0.1 only) unless `dashboard` is false (a
-    run that trains in the driver, Ray Train's local mode, has no worker group to clean up:
-    components/training/local_mode.py; its dashboard was 1.1 GiB of processes on a 2-core
-    machine): Ray Train's placement-group cleaner asks the dashboard's State API whether a
-    run's controller is still alive. Without an
+    run that trains in the driver, Ray Train's local mode, and evaluate.py and predict.py have
+    no worker group to clean up: components/training/local_mode.py; the dashboard was 1.1 GiB
+    of processes on a 2-core machine): Ray Train's placement-group cleaner asks the dashboard's
+    State API whether a run's controller is still alive. Without an
     answer it logs a warning every second for the whole run, and the workers' placement group of
     every trial that Tune stops (ASHA, or at its last epoch) stays reserved until the sweep
     ends, so later trials wait for ever for the CPUs it holds. Ray binds its other ports on all

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.data}/dataset.json has no split '{args.split}' (has {sorted(info.splits)})"
             )
         quiet_environment(args.verbose)
-        init_ray()
+        init_ray(dashboard=False)  # no Train worker group to clean up (init_ray's docstring)
         quiet_ray_data(not args.verbose)
         dataset = eval_dataset(args.data, info, args.split)
     except (CheckpointError, DatasetError, ValueError) as e:  # ConfigError is a ValueError

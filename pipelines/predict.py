@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         todo, skipped = plan.pending(inputs.items)
         pool = None
         if todo:  # a finished run is not worth a Ray start-up
-            init_ray()
+            init_ray(dashboard=False)  # no Train worker group to clean up (init_ray's docstring)
             _quiet_ray_data(not args.verbose)
             resources = ray.cluster_resources()
             pool = plan_pool(
