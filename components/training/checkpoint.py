@@ -112,12 +112,13 @@ def load_full_state(folder: str | Path) -> tuple[dict, dict]:
     return _load_verified(folder, STATE_FILE, meta), meta
 
 
-def checkpoint_folders(run_dir: str | Path, warn=print) -> list[Path]:
-    """Checkpoint folders under a run folder with a readable meta.json, oldest first (by the
-    iteration in meta.json). A folder whose meta.json cannot be read is skipped with a warning
-    naming it (`warn`); its files are not checked here (`verify_files`)."""
+def checkpoint_folders(run_dir: str | Path, warn=print, pattern: str = "**") -> list[Path]:
+    """Checkpoint folders under a run folder (those matching `pattern`: any depth by default)
+    with a readable meta.json, oldest first (by the iteration in meta.json). A folder whose
+    meta.json cannot be read is skipped with a warning naming it (`warn`); its files are not
+    checked here (`verify_files`)."""
     found = []
-    for meta in Path(run_dir).rglob(META_FILE):
+    for meta in Path(run_dir).glob(f"{pattern}/{META_FILE}"):
         try:
             iteration = read_meta(meta.parent).get("progress", {}).get("iteration", -1)
         except CheckpointError as e:

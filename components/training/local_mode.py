@@ -60,11 +60,7 @@ def keep_checkpoints(run_folder: str | Path, num_to_keep: int, warn=print) -> li
     `num_to_keep` best by val mIoU (ties: the newer), and the newest always. Only the run's own
     `epoch_NNNN` folders are candidates (anything else a user put in the run folder stays).
     Returns the deleted folders."""
-    folders = [  # oldest first
-        f
-        for f in checkpoint_folders(run_folder, warn)
-        if f.parent == Path(run_folder) and f.name.startswith("epoch_")
-    ]
+    folders = checkpoint_folders(run_folder, warn, pattern="epoch_*")  # oldest first
     if len(folders) <= num_to_keep:
         return []
 
