@@ -6,6 +6,10 @@ ingest cost a decode worker (and the split coordinator) about 2 s and 300 MB on 
 of a run; this module needs only numpy, pyarrow, Ray Data's context and the torch-free decoders
 (measured with `python -X importtime`, 2026-12-01: 0.3 s and 86 MB for components.data.decode).
 tests/data/test_ingest.py checks that importing this module imports no torch.
+
+Importing it also shortens Ray Data's cold start of each execution in the importing process
+(`ray_limits.refresh_limits_sooner`): every process that runs an executor of our datasets (the
+driver iterating one, the split coordinator feeding a run) unpickles functions from here.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import numpy as np
 import pyarrow as pa
 from ray.data.context import DataContext
 
+from components.data.ray_limits import refresh_limits_sooner
 from components.data.shards import read_shard_table
+
+refresh_limits_sooner()
 
 
 def read_shards(batch: pa.Table, root: str, split: str, columns: list[str]) -> pa.Table:
