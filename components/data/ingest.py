@@ -75,6 +75,13 @@ DECODE_BATCH_ROWS = 32
 # 8 rows a block 38 img/s, 2 rows 31; small images keep whole shards as blocks (32-row blocks of
 # 48 px images: 780-970 img/s against 1440-1880).
 DECODE_BATCH_PIXELS = 8 * 512 * 1024
+# Cached large images: a decode call (one task) takes several of those blocks, about a second
+# of one core's decoding: 48 rows of 512x1024, 12 of 1024x2048. Tasks of one 8-row block lost a
+# share of every epoch to the gaps between tasks: benchmarks/ingest_vs_dataloader.py's photos,
+# cached, 8-row blocks, decode calls of 8 / 16 / 24 / 48 rows: 47 / 55 / 61 / 67 img/s
+# (DataLoader 69; 2026-12-01, docs/benchmarks.md). The blocks stay small, so the per-epoch
+# block shuffle still mixes them, and the in-batch permutation spans the whole call.
+CACHED_DECODE_PIXELS = 6 * DECODE_BATCH_PIXELS
 # Auto-cache encoded rows when they take less than this share of the object store.
 CACHE_SHARE = 0.2
 
@@ -92,12 +99,16 @@ def should_cache(data: DataConfig, split_bytes: int) -> bool:
     return split_bytes < CACHE_SHARE * store
 
 
-def decode_rows(info: DatasetInfo, split: str) -> int:
+def decode_rows(info: DatasetInfo, split: str, cached: bool = False) -> int:
     """Rows per decode call (and per cached block) for a split: DECODE_BATCH_ROWS, fewer for
-    large images (at least 2)."""
+    large images (at least 2). `cached`: rows per decode call on the cached path, where large
+    images' calls take several blocks (CACHED_DECODE_PIXELS)."""
     s = info.splits.get(split)
     pixels = max(1, s.max_height * s.max_width) if s is not None else 1
-    return max(2, min(DECODE_BATCH_ROWS, DECODE_BATCH_PIXELS // pixels))
+    rows = max(2, min(DECODE_BATCH_ROWS, DECODE_BATCH_PIXELS // pixels))
+    if cached and rows < DECODE_BATCH_ROWS:
+        return max(rows, CACHED_DECODE_PIXELS // pixels)
+    return rows
 
 
 def _encoded_rows(
@@ -193,16 +204,16 @@ def train_dataset(
     split = split or data.train_split
     cache = should_cache(data, shard_bytes(data.root, split))
     columns = [*READ_COLUMNS, "image_labels"] if weak else READ_COLUMNS
-    rows = decode_rows(info, split)
+    rows, call = decode_rows(info, split), decode_rows(info, split, cache)
     decoder = _augmenting(decode_weak_batch if weak else decode_train_batch, data, info)
     if keep_ids is not None and cache:  # selected and repeated once, in the driver
         chosen = (keep_ids, True, repeat)
         ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, columns, rows, chosen)
-        return _decoded(ds, decoder, rows)
+        return _decoded(ds, decoder, call)
     ds = _encoded_rows(data.root, split, data.shuffle_seed, cache, columns, rows)
     if keep_ids is not None:
         ds = ds.map_batches(partial(select_rows, ids=keep_ids, keep=True), batch_format="numpy")
-    return _decoded(_repeat(ds, repeat), decoder, rows)
+    return _decoded(_repeat(ds, repeat), decoder, call)
 
 
 def _repeat(ds: ray.data.Dataset, times: int) -> ray.data.Dataset:
@@ -226,8 +237,8 @@ def eval_dataset(
         num_classes=info.num_classes,
         normalized=False,
     )
-    rows = decode_rows(info, split)
-    return _decoded(_encoded_rows(root, split, None, cache, block_rows=rows), decode, rows)
+    ds = _encoded_rows(root, split, None, cache, block_rows=decode_rows(info, split))
+    return _decoded(ds, decode, decode_rows(info, split, cache))
 
 
 def build_datasets(
@@ -344,15 +355,17 @@ def unlabeled_dataset(
     repeat: int = 1,
 ) -> ray.data.Dataset:
     """Weak + strong views of the unlabeled split and of the labeled split's unchosen rows."""
-    parts = []
+    parts, calls = [], []  # the parts and their rows per decode call
     if plan.has_unlabeled_split:
         split = data.unlabeled_split
         cache = should_cache(data, shard_bytes(data.root, split))
         rows = decode_rows(info, split)
+        calls.append(decode_rows(info, split, cache))
         parts.append(_encoded_rows(data.root, split, data.shuffle_seed + 1, cache, block_rows=rows))
     if plan.labeled_ids is not None:
         cache = should_cache(data, shard_bytes(data.root, data.train_split))
         rows = decode_rows(info, data.train_split)
+        calls.append(decode_rows(info, data.train_split, cache))
         seed = data.shuffle_seed + 2
         if cache:  # the unchosen rows, selected once in the driver
             chosen = (plan.labeled_ids, False, 1)
@@ -366,8 +379,7 @@ def unlabeled_dataset(
             parts.append(rest.map_batches(select, batch_format="numpy"))
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     decode = _augmenting(decode_unlabeled_batch, data, info, strong=tuple(semisup.strong))
-    splits = [data.unlabeled_split, data.train_split]
-    return _decoded(_repeat(ds, repeat), decode, min(decode_rows(info, s) for s in splits))
+    return _decoded(_repeat(ds, repeat), decode, min(calls))
 
 
 def build_semisup_datasets(

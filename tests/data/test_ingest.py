@@ -78,7 +78,8 @@ def test_steps_per_epoch_names_the_numbers(tmp_path):
 def test_large_images_decode_in_short_tasks(ray_session, tmp_path):
     """Rows per decode call (and per cached block) fall with the image size: 32 for small
     images, 8 for 512x1024 and 2 for 1024x2048 (8 * 512 * 1024 pixels per call), so a split's
-    decoding spreads over many tasks; every row still arrives once, as uint8."""
+    decoding spreads over many tasks; on the cached path a large images' call takes 6 of its
+    small blocks; every row still arrives once, as uint8."""
     from components.data.ingest import decode_rows
     from components.data.shards import SplitInfo
 
@@ -87,9 +88,12 @@ def test_large_images_decode_in_short_tasks(ray_session, tmp_path):
     big = DatasetInfo("x", 3, ["a", "b", "c"], [[0, 0, 0]] * 3,
                       splits={"train": SplitInfo(10, [], 512, 1024)})  # fmt: skip
     assert decode_rows(big, "train") == 8
+    assert decode_rows(big, "train", cached=True) == 48  # 6 cached blocks a call
     big.splits["train"].max_height, big.splits["train"].max_width = 1024, 2048
     assert decode_rows(big, "train") == 2
+    assert decode_rows(big, "train", cached=True) == 12
     assert decode_rows(big, "missing") == 32
+    assert decode_rows(info, "train", cached=True) == 32  # small images: as streamed
     info.splits["train"].max_height = info.splits["train"].max_width = 1024  # -> 4 rows
     from components.data.ingest import _encoded_rows
 
@@ -98,6 +102,7 @@ def test_large_images_decode_in_short_tasks(ray_session, tmp_path):
     data = DataConfig(root=str(tmp_path), crop_size=16, cache_encoded=True)
     batches = list(train_dataset(data, info).iter_batches(batch_size=None))
     assert sum(len(b["mask"]) for b in batches) == 10
+    assert len(batches) == 1  # cached: one decode call (24 rows) over the 3 blocks
     assert all(b["image"].dtype == np.uint8 and b["image"].shape[-1] == 3 for b in batches)
 
 
