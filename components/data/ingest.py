@@ -437,11 +437,12 @@ def driver_datasets(datasets: dict, training_cpus: float) -> dict:
     (`SegDataConfig.configure`), so each epoch's execution runs in its split coordinator's
     process rather than in threads of the training process (measured: steps with a long tail
     otherwise), with the CPUs the training uses kept from Ray Data (in worker mode they are the
-    worker actor's reservation, which Ray Data does not schedule on)."""
-    from ray.data import ExecutionResources
-
+    worker actor's reservation, which Ray Data does not schedule on). The CPUs are kept as a
+    limit on Ray Data's CPUs (the instance's less the training's: local mode runs on one
+    machine's own instance), not with `exclude_resources`, which Ray 2.60 deprecates."""
     options = SegDataConfig().default_ingest_options()
-    options.exclude_resources = options.exclude_resources.add(ExecutionResources(cpu=training_cpus))
+    cpus = max(0.0, ray.cluster_resources().get("CPU", 0.0) - training_cpus)
+    options.resource_limits = options.resource_limits.copy(cpu=cpus)
     config = SegDataConfig(execution_options=options)
     return config.configure(datasets, world_size=1, worker_handles=None, worker_node_ids=None)[0]
 
