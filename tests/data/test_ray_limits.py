@@ -3,8 +3,8 @@
 Without the shortened refresh, an execution ran one task at a time for its first second: the
 executor's resource limits are empty until Ray Data's autoscaling coordinator answers, and it
 read them again only 1 s later (ray==2.60.0, measured 2026-12-01: the second task of an epoch
-started 1.04 s after the first). These tests fail on that behaviour (checked by setting the
-interval back to 1 s: the gap is 0.9-1.1 s).
+started 1.04 s after the first). These tests fail on that behaviour (checked with
+`LIMITS_REFRESH_S` set back to 1: the second task started only once the first had ended).
 """
 
 from __future__ import annotations
