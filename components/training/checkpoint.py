@@ -36,7 +36,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save(obj, path)` through a hidden temporary file: `path` is complete or absent."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -50,7 +51,7 @@ def save_checkpoint(folder: str | Path, model_state: dict, full_state: dict | No
         files[STATE_FILE] = full_state
     meta = dict(meta, files={})
     for name, obj in files.items():
-        _atomic_torch_save(obj, folder / name)
+        atomic_torch_save(obj, folder / name)
         meta["files"][name] = {
             "bytes": (folder / name).stat().st_size,
             "sha256": _sha256(folder / name),

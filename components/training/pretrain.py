@@ -57,6 +57,7 @@ from components.schema import (
     SyntheticConfig,
 )
 from components.training import local_mode
+from components.training.checkpoint import atomic_torch_save
 from components.training.distributed import set_cpu_threads
 from components.training.runlock import run_lock
 from components.training.runlog import quiet_train_console
@@ -207,9 +208,7 @@ def _own_checkpoint(run_folder: Path, state: dict, keep: int = 2) -> str:
     now = datetime.datetime.now()
     folder = run_folder / f"checkpoint_{now:%Y-%m-%d_%H-%M-%S}.{now.microsecond // 1000:03d}"
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / "state.pt")
+    atomic_torch_save(state, folder / "state.pt")
     found = sorted(run_folder.glob("checkpoint_*/state.pt"), key=lambda f: f.parent.name)
     for old in found[:-keep]:
         shutil.rmtree(old.parent, ignore_errors=True)
