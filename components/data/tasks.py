@@ -8,7 +8,7 @@ of a run; this module needs only numpy, pyarrow, Ray Data's context and the torc
 tests/data/test_ingest.py checks that importing this module imports no torch.
 
 Importing it also shortens Ray Data's cold start of each execution in the importing process
-(`ray_limits.refresh_limits_sooner`): every process that runs an executor of our datasets (the
+(`ray_limits.shorten_cold_start`): every process that runs an executor of our datasets (the
 driver iterating one, the split coordinator feeding a run) unpickles functions from here.
 """
 
@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 from ray.data.context import DataContext
 
-from components.data.ray_limits import refresh_limits_sooner
+from components.data.ray_limits import shorten_cold_start
 from components.data.shards import read_shard_table
 
-refresh_limits_sooner()
+shorten_cold_start()
 
 
 def read_shards(batch: pa.Table, root: str, split: str, columns: list[str]) -> pa.Table:
