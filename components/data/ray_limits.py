@@ -84,9 +84,10 @@ def answer_first_read(timeout_s: float = FIRST_READ_TIMEOUT_S) -> bool:
         state = vars(self)
         if not state.get(_ANSWERED):
             state[_ANSWERED] = True
-            if state["_pending_reserved_resources"] is None and not state[
-                "_cached_reserved_resources"
-            ]:
+            if (
+                state["_pending_reserved_resources"] is None
+                and not state["_cached_reserved_resources"]
+            ):
                 import ray
 
                 ref = self._autoscaling_coordinator.get_reserved_resources.remote(
