@@ -10,6 +10,8 @@ report it prints; everything around it is the same for distill, semisup and wsss
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import copy
 import logging
 import os
@@ -197,7 +199,6 @@ def _ray_data_logging_config() -> str:
     """Ray Data's own logging config with its console handler at ERROR (its "Progress bars
     disabled" and "execution finished" notices) in a private temp file (mode 0600, removed at
     exit): a logging config can name classes to build, so no shared path is read."""
-    import atexit
     import tempfile
 
     import yaml
@@ -299,6 +300,7 @@ def start_local_ray(attempts: int = 3, **kwargs) -> None:
         before = _child_pids()
         try:
             ray.init(**kwargs)
+            atexit.register(stop_local_ray)  # runs before Ray's own (registered at its import)
             return
         except Exception as e:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(e) or attempt == attempts:
@@ -306,6 +308,30 @@ def start_local_ray(attempts: int = 3, **kwargs) -> None:
             print(f"ray start-up timed out (attempt {attempt}/{attempts}); retrying", flush=True)
             ray.shutdown()
             _stop(_child_pids() - before)
+
+
+def stop_local_ray() -> None:
+    """`ray.shutdown()`, with the private instance's autoscaler monitor stopped first (SIGKILL).
+
+    Ray stops its processes one at a time, each given up to 1 s after SIGTERM; the monitor
+    spends its second trying to tell the drivers through the GCS, already stopped, that "the
+    autoscaler failed", and is then killed: 1.0 of the 1.4 s `ray.shutdown()` took on 2 cores
+    (ray==2.60.0, ray/_private/node.py `kill_all_processes`, ray/autoscaler/_private/monitor.py
+    `_signal_handler`; measured 2026-12-01, docs/benchmarks.md). A fixed local node has nothing
+    for it to scale or save. Only processes this process started are touched (none when it
+    connected to a cluster); where Ray's node object has changed, plain `ray.shutdown()`."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    node = getattr(ray._private.worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None)
+    monitor = getattr(ray._private.ray_constants, "PROCESS_TYPE_MONITOR", "monitor")
+    if isinstance(processes, dict) and monitor in processes:
+        # any failure: Ray's own shutdown below stops it as before
+        with contextlib.suppress(Exception):
+            node._kill_process_type(monitor, allow_graceful=False, check_alive=False, wait=True)
+    ray.shutdown()
 
 
 def _child_pids() -> set[int]:

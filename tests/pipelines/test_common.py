@@ -122,3 +122,50 @@ def test_ray_stops_before_its_data_logging_config_is_removed(tmp_path):
                           check=False, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(out.read_text()) == [True]
+
+
+_STOP = """
+import atexit, json, sys
+sys.path.insert(0, {root!r})
+import ray
+from pipelines._common import start_local_ray
+
+stopped = []
+atexit.register(lambda: open({out!r}, "w").write(json.dumps(stopped)))  # runs after ours
+start_local_ray(num_cpus=1, include_dashboard=False)
+node = ray._private.worker._global_node
+pids = {{kind: [p.process.pid for p in infos] for kind, infos in node.all_processes.items()}}
+real = node._kill_process_type
+def spy(kind, *args, **kwargs):
+    stopped.append([kind, pids.get(kind, [])])
+    return real(kind, *args, **kwargs)
+node._kill_process_type = spy
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_private_instance_stops_its_monitor_first_and_leaves_nothing(tmp_path):
+    """At exit, `stop_local_ray` stops the instance's autoscaler monitor before Ray's own
+    shutdown stops the GCS (after which the monitor spent a second trying to report through it
+    and was killed: pipelines/_common.py), and every process of the instance is gone."""
+    import json
+    import time
+
+    out = tmp_path / "stopped.json"
+    root = str(Path(__file__).parents[2])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = _STOP.format(root=root, out=str(out))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=False, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped = json.loads(out.read_text())
+    kinds = [kind for kind, _ in stopped]
+    assert kinds and kinds[0] == "monitor", kinds  # empty: Ray stopped it after our at-exit dump
+    assert kinds.index("gcs_server") > 0 and "raylet" in kinds, kinds
+    pids = [pid for _, group in stopped for pid in group]
+    deadline = time.monotonic() + 10
+    while (
+        alive := [p for p in pids if Path(f"/proc/{p}").exists()]
+    ) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, alive
