@@ -35,7 +35,7 @@ from synthetic_methods import Data, step_times
 
 from benchmarks.pretrained import CHOICES, pretrained_overrides
 from components.config import Config, merge_config
-from components.data.ingest import labeled_selection
+from components.data.semisup_plan import labeled_selection
 from components.data.transforms import decode_train_batch, decode_unlabeled_batch
 from components.distillation.build import build_method
 from components.models.build import build_model

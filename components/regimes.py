@@ -141,7 +141,8 @@ def _check_untouched(cfg: Config, owner: Regime, run: Regime, method: str) -> No
 
 
 def _supervised_datasets(cfg: Config, info, num_workers: int) -> tuple[dict, int]:
-    from components.data.ingest import build_datasets, labeled_selection, steps_per_epoch
+    from components.data.ingest import build_datasets, steps_per_epoch
+    from components.data.semisup_plan import labeled_selection
 
     # `data.labeled_count` (the supervised-only baseline of a semi-supervised comparison) trains
     # on that labeled subset only.

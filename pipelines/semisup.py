@@ -92,7 +92,7 @@ def comparison(cfg, labeled_rows: int, steps_per_epoch: int) -> list[tuple[str, 
 
 def execute(cfg, info, args) -> str:
     """The configured run, or (with --baselines, or the embedded default) the three compared."""
-    from components.data.ingest import plan_semisup, semisup_steps
+    from components.data.semisup_plan import plan_semisup, semisup_steps
     from components.regimes import SUPERVISED, regime_of
     from components.training.trainer import fit, run_name, storage_of
 

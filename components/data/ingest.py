@@ -33,11 +33,8 @@ split across workers. Each epoch is one execution of the pipeline. Decoded rows 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -46,12 +43,11 @@ from ray.data import RandomSeedConfig
 from ray.train import DataConfig as RayDataConfig
 
 from components.data.local_val import eval_pad
+from components.data.semisup_plan import SemiSupPlan, plan_semisup, semisup_steps
 from components.data.shards import (
-    DatasetError,
     DatasetInfo,
     list_shards,
     read_shard_tables,
-    read_split_table,
     resolve_fs,
 )
 from components.data.tasks import read_shards, seeded_by_epoch, select_rows
@@ -253,98 +249,7 @@ def build_datasets(
 
 
 # ----------------------------------------------------------------------------------------------
-# Semi-supervised: a labeled and an unlabeled stream
-
-
-@dataclass
-class SemiSupPlan:
-    """Where the labeled and unlabeled rows come from, and how many of each there are."""
-
-    labeled_rows: int
-    unlabeled_rows: int
-    labeled_ids: frozenset[str] | None  # None: all of the labeled split
-    has_unlabeled_split: bool
-
-    def describe(self, data: DataConfig) -> str:
-        parts = []
-        if self.has_unlabeled_split:
-            parts.append(f"'{data.unlabeled_split}'")
-        if self.labeled_ids is not None:
-            parts.append(f"the rest of '{data.train_split}'")
-        return (
-            f"{self.labeled_rows} labeled rows ('{data.train_split}'), {self.unlabeled_rows} "
-            f"unlabeled rows ({' + '.join(parts)})"
-        )
-
-
-def labeled_selection(data: DataConfig, info: DatasetInfo) -> tuple[frozenset[str] | None, int]:
-    """(ids of the labeled rows to use or None for all, their count) from `data.labeled_count`:
-    a seeded (`data.shuffle_seed`) random choice, the same for every run of that seed."""
-    rows = info.splits[data.train_split].rows
-    count = data.labeled_count
-    if count is None or count == rows:
-        return None, rows
-    if count > rows:
-        raise DatasetError(
-            f"data.labeled_count={count} but {data.root} split '{data.train_split}' has only "
-            f"{rows} rows"
-        )
-    all_ids = read_split_table(data.root, data.train_split, ["id"]).column("id").to_pylist()
-    chosen = np.random.default_rng(data.shuffle_seed).choice(len(all_ids), count, replace=False)
-    return frozenset(all_ids[i] for i in chosen.tolist()), count
-
-
-def plan_semisup(data: DataConfig, info: DatasetInfo) -> SemiSupPlan:
-    """Check the splits and pick the labeled subset; raises DatasetError naming the numbers."""
-    root = data.root
-    if data.train_split not in info.splits:
-        raise DatasetError(
-            f"{root}/dataset.json has no labeled split '{data.train_split}' "
-            f"(has {sorted(info.splits)})"
-        )
-    rows = info.splits[data.train_split].rows
-    if rows == 0:
-        raise DatasetError(f"{root}: the labeled split '{data.train_split}' is empty (0 rows)")
-    count = data.labeled_count
-    ids, labeled = labeled_selection(data, info)  # raises when count > rows
-    has_unlabeled = (
-        data.unlabeled_split in info.splits and info.splits[data.unlabeled_split].rows > 0
-    )
-    unlabeled = (info.splits[data.unlabeled_split].rows if has_unlabeled else 0) + rows - labeled
-    if unlabeled == 0:
-        raise DatasetError(
-            f"no unlabeled images: {root}/dataset.json has no non-empty split "
-            f"'{data.unlabeled_split}' (has {sorted(info.splits)}) and data.labeled_count "
-            f"({count}) leaves none of the {rows} '{data.train_split}' rows over; make one with "
-            "pipelines/prepare_data.py --labeled N, or set data.labeled_count below "
-            f"{rows}"
-        )
-    return SemiSupPlan(labeled, unlabeled, ids, has_unlabeled)
-
-
-def semisup_steps(plan: SemiSupPlan, data: DataConfig, num_workers: int) -> tuple[int, int, int]:
-    """(steps per epoch, labeled passes, unlabeled passes): an epoch is one pass over the larger
-    stream; the smaller one is repeated (whole passes) to supply as many batches."""
-    b_l = data.batch_size
-    b_u = data.unlabeled_batch_size or data.batch_size
-    steps = []
-    for rows, batch, what in (
-        (plan.labeled_rows, b_l, "labeled"),
-        (plan.unlabeled_rows, b_u, "unlabeled"),
-    ):
-        n = (rows // num_workers) // batch
-        if n < 1:
-            raise DatasetError(
-                f"{rows} {what} rows are too few for {num_workers} worker(s) x batch {batch} "
-                f"(need at least {num_workers * batch})"
-            )
-        steps.append(n)
-    total = max(steps)
-    passes = [
-        math.ceil(total * b * num_workers / r)
-        for r, b in ((plan.labeled_rows, b_l), (plan.unlabeled_rows, b_u))
-    ]
-    return total, passes[0], passes[1]
+# Semi-supervised: a labeled and an unlabeled stream (planned in data/semisup_plan.py)
 
 
 def unlabeled_dataset(

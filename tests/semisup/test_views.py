@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from components.config import DataConfig
-from components.data.ingest import labeled_selection, plan_semisup, semisup_steps
+from components.data.semisup_plan import labeled_selection, plan_semisup, semisup_steps
 from components.data.shards import DatasetError, DatasetInfo, ShardWriter, encode_png, mask_labels
 from components.data.transforms import (
     decode_unlabeled_batch,
