@@ -1,11 +1,14 @@
 """Train-step time of a Ray Train run against a bare PyTorch loop, same model and data.
 
-    python benchmarks/loop_overhead.py        # no arguments; about 5 minutes on 2 CPU cores
+    python benchmarks/loop_overhead.py        # no arguments; about 2.5 minutes on 2 CPU cores
+    python benchmarks/loop_overhead.py --train-rows 4096   # longer epochs (512 steps)
 
 Both arms distil the default student (DeepLabV3, ResNet-18 x0.25) with pixel KD
 (`method.name=kd`) from the default teacher's architecture (ResNet-18 x0.5, random weights
 saved to a file: the speed does not depend on them) on the embedded synthetic dataset (512
-rows at 48 px, batch 8: 64 steps an epoch), EPOCHS epochs, one worker, and time every step
+rows at 48 px, batch 8: 64 steps an epoch; `--train-rows N` makes N rows, N / 8 steps an epoch,
+where the start of an epoch's execution weighs less in the 99th percentile), EPOCHS epochs, one
+worker, and time every step
 with the same code (`core.train_one_epoch`: forward, backward, optimizer step; the wait for the
 batch is excluded and reported apart as the data wait share).
 
@@ -22,7 +25,8 @@ batch is excluded and reported apart as the data wait share).
 
 The first epoch of every arm is warm-up and left out. Per arm and run: the mean of the epochs'
 mean step times, the median of their medians and the largest of their 99th percentiles (the
-same aggregation for every arm). The arms alternate (ray, bare, ray-worker; then rotated),
+same aggregation for every arm), and the training's images/s with the data wait included (the
+run's `images_per_s`: steps x batch / the epoch's training time). The arms alternate (ray, bare, ray-worker; then rotated),
 REPEATS times each; medians over runs are compared. The last line is the mean step ratio
 (ray / bare): `... ratio X.XX`.
 """
@@ -74,6 +78,7 @@ def _aggregate(rows: list[dict]) -> dict[str, float]:
         "median": statistics.median(r["step_ms_median"] for r in rows),
         "p99": max(r["step_ms_p99"] for r in rows),
         "wait": statistics.mean(r["data_wait_share"] for r in rows),
+        "img_s": statistics.mean(r["images_per_s"] for r in rows),
     }
 
 
@@ -119,11 +124,14 @@ def bare_arm(data_root: str, teacher_file: str) -> dict:
             "step_ms_median": float(np.median(ms)),
             "step_ms_p99": float(np.percentile(ms, 99)),
             "data_wait_share": stats.wait_s / stats.train_s,
+            "images_per_s": stats.steps * d.batch_size / stats.train_s,
         })  # fmt: skip
     return _aggregate(epochs)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     import ray
     import torch
 
@@ -132,18 +140,25 @@ def main() -> int:
     from components.schema import ModelConfig, SyntheticConfig
     from pipelines._common import LOCAL_RUNTIME_ENV, quiet_environment, start_local_ray
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-rows", type=int, default=SyntheticConfig.num_train,
+                        help="rows of the synthetic training split (8 a step)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.train_rows < 16:
+        parser.error("--train-rows: at least 16 (two steps of 8)")
     cpus = os.cpu_count() or 1
     quiet_environment(False)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory() as tmp:
         data_root = str(Path(tmp) / "data")
-        info = ensure_synthetic(data_root, SyntheticConfig())
+        info = ensure_synthetic(data_root, SyntheticConfig(num_train=args.train_rows))
         torch.manual_seed(0)
         teacher_file = str(Path(tmp) / "teacher.pt")
         model = build_model(ModelConfig(backbone="resnet18", width=0.5), info.num_classes)
         torch.save(model.state_dict(), teacher_file)
         print(f"{cpus} CPUs, torch {torch.__version__}, default threads "
-              f"{torch.get_num_threads()}", flush=True)  # fmt: skip
+              f"{torch.get_num_threads()}; {args.train_rows} training rows, "
+              f"{args.train_rows // 8} steps an epoch", flush=True)  # fmt: skip
         default_threads = torch.get_num_threads()
         for r in range(REPEATS):
             order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
@@ -160,20 +175,26 @@ def main() -> int:
                     ray.shutdown()
                 results[arm].append(out)
                 print(f"run {r} {arm}: mean {out['mean']:.1f} ms, median {out['median']:.1f}, "
-                      f"p99 {out['p99']:.1f}, data wait {100 * out['wait']:.1f}%", flush=True)  # fmt: skip
+                      f"p99 {out['p99']:.1f}, data wait {100 * out['wait']:.1f}%, "
+                      f"{out['img_s']:.1f} img/s", flush=True)  # fmt: skip
 
     def med(arm: str, key: str) -> float:
         return statistics.median(x[key] for x in results[arm])
 
-    bare = {key: med("bare", key) for key in ("mean", "median", "p99", "wait")}
-    print("\n| arm | mean ms | median ms | p99 ms | data wait | mean / bare | p99 / bare |")
-    print("|---|---|---|---|---|---|---|")
+    keys = ("mean", "median", "p99", "wait", "img_s")
+    bare = {key: med("bare", key) for key in keys}
+    print("\n| arm | mean ms | median ms | p99 ms | data wait | img/s | mean / bare | p99 / bare "
+          "| img/s / bare |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for arm in ARMS:
-        m = {key: med(arm, key) for key in ("mean", "median", "p99", "wait")}
+        m = {key: med(arm, key) for key in keys}
         print(f"| {arm} | {m['mean']:.1f} | {m['median']:.1f} | {m['p99']:.1f} | "
-              f"{100 * m['wait']:.1f}% | {m['mean'] / bare['mean']:.2f} | "
-              f"{m['p99'] / bare['p99']:.2f} |")  # fmt: skip
+              f"{100 * m['wait']:.1f}% | {m['img_s']:.1f} | {m['mean'] / bare['mean']:.2f} | "
+              f"{m['p99'] / bare['p99']:.2f} | {m['img_s'] / bare['img_s']:.2f} |")  # fmt: skip
     p99 = med("ray", "p99") / bare["p99"]
+    print(
+        f"training img/s, data wait included (ray / bare): {med('ray', 'img_s') / bare['img_s']:.2f}"
+    )
     print(f"p99 step ratio (ray / bare): {p99:.2f}")
     print(f"train step, mean (ray / bare): ratio {med('ray', 'mean') / bare['mean']:.2f}")
     return 0
