@@ -8,9 +8,8 @@ Both arms distil the default student (DeepLabV3, ResNet-18 x0.25) with pixel KD
 saved to a file: the speed does not depend on them) on the embedded synthetic dataset (512
 rows at 48 px, batch 8: 64 steps an epoch; `--train-rows N` makes N rows, N / 8 steps an epoch,
 where the start of an epoch's execution weighs less in the 99th percentile), EPOCHS epochs, one
-worker, and time every step
-with the same code (`core.train_one_epoch`: forward, backward, optimizer step; the wait for the
-batch is excluded and reported apart as the data wait share).
+worker, and time every step with the same code (`core.train_one_epoch`: forward, backward,
+optimizer step; the wait for the batch is excluded and reported apart as the data wait share).
 
 - `ray`: `trainer.fit` as pipelines/distill.py runs it, on a private local Ray instance started
   as `init_ray` starts one for such a run (all the machine's CPUs, tasks and actors at nice 0,
@@ -26,8 +25,8 @@ batch is excluded and reported apart as the data wait share).
 The first epoch of every arm is warm-up and left out. Per arm and run: the mean of the epochs'
 mean step times, the median of their medians and the largest of their 99th percentiles (the
 same aggregation for every arm), and the training's images/s with the data wait included (the
-run's `images_per_s`: steps x batch / the epoch's training time). The arms alternate (ray, bare, ray-worker; then rotated),
-REPEATS times each; medians over runs are compared. The last line is the mean step ratio
+run's `images_per_s`: steps x batch / the epoch's training time). The arms alternate (ray,
+bare, ray-worker; then rotated), REPEATS times each; medians over runs are compared. The last line is the mean step ratio
 (ray / bare): `... ratio X.XX`.
 """
 

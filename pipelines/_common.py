@@ -215,10 +215,7 @@ def _ray_data_logging_config() -> str:
         # this: a process Ray starts meanwhile (Ray Data's detached autoscaling coordinator,
         # created as a dataset's last execution ends) would find no file and print a traceback
         # (seen with evaluate.py). Ray is stopped first here; its own call is then a no-op.
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+        stop_local_ray()
         Path(path).unlink(missing_ok=True)
 
     atexit.register(remove)
